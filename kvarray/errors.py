@@ -1,0 +1,73 @@
+"""The exceptions kvarray raises for runtime conditions.
+
+Every error a caller can provoke is one of these (all subclasses of `KVArrayError`), and each also
+derives from the builtin exception it refines, so ``except ValueError`` keeps working. Asserts are
+kept for bugs inside kvarray only.
+"""
+
+from __future__ import annotations
+
+
+class KVArrayError(Exception):
+    """Base class of every error kvarray raises on purpose."""
+
+
+class ShapeMismatch(KVArrayError, ValueError):
+    """An array's shape (or rank) is not the one the call needs."""
+
+
+class DTypeMismatch(KVArrayError, TypeError):
+    """An array's dtype is not one the call accepts."""
+
+
+class LayoutError(KVArrayError, ValueError):
+    """An array is not C-contiguous (or not writable) where the call needs it to be."""
+
+
+class DeviceMismatch(KVArrayError, ValueError):
+    """Arrays of one call live on different devices (host and CUDA, or two CUDA devices)."""
+
+
+class IndexOutOfRange(KVArrayError, IndexError):
+    """A cell, row or position index falls outside the array it indexes."""
+
+
+class BackendUnavailable(KVArrayError, RuntimeError):
+    """The requested array backend (CuPy, a CUDA device) cannot be used here; the message says why."""
+
+
+class CacheFull(KVArrayError):
+    """A batch needs more free cells than the pool has.
+
+    Attributes:
+        asked: cells the batch needs.
+        free: cells free when the batch was refused.
+    """
+
+    def __init__(self, asked: int, free: int, what: str = "cells") -> None:
+        super().__init__(f"cache full: the batch needs {asked} {what}, {free} are free")
+        self.asked = asked
+        self.free = free
+
+
+class TooManySequences(KVArrayError):
+    """More live sequences than the cache's `max_sequences`."""
+
+
+class UnknownSequence(KVArrayError, KeyError):
+    """A sequence id the cache does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; say it plainly
+        return str(self.args[0]) if self.args else "unknown sequence"
+
+
+class PositionError(KVArrayError, ValueError):
+    """Positions that go backwards or skip inside a sequence, or a range outside it."""
+
+
+class NoForwardPass(KVArrayError, RuntimeError):
+    """`put` or `get` called before `start_forward` planned a batch."""
+
+
+class SpecMismatch(KVArrayError, ValueError):
+    """A saved cache, a graph or a checkpoint made for another spec."""
