@@ -1,0 +1,259 @@
+"""The Llama family's decoder-step graph: RMSNorm, RoPE, grouped-query attention, SwiGLU, lm_head.
+
+One graph per model, flat over the pass's T tokens (any mix of sequences, prefill and decode):
+
+    inputs   input_ids [T] int64, position_ids [T] int64,
+             (gathered view) token_sequence [T] int64: the row of past_key.{i} token t reads,
+             per layer i: past_key.{i}, past_value.{i}  pool view [N, KV, D] / gathered [S, KV, L, D]
+                          (int8, pool view) past_key_scale.{i}, past_value_scale.{i} [N, KV * D // 32] float16
+             attention_bias [T, N + T] (gathered: [T, L + T]) float32, 0 or -inf,
+             logits_index [S] int64
+    outputs  logits [S, vocab] float32, per layer new_key.{i}, new_value.{i} [T, KV, D] float32
+             (keys after RoPE: what the cache stores)
+
+Checkpoint: transformers' `LlamaForCausalLM` names and layouts (``model.layers.{i}.self_attn.q_proj.weight``
+``[H * D, E]``, ...). The q/k/v and gate/up projections are packed into one MatMul each at export time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import DTypeMismatch, SpecMismatch, UnsupportedModel
+from ..spec import KVSpec, Llama3Scaling, RopeSpec, RopeStyle, check_group_size
+from .attention import KVBlock, View, attention, declare_past, past_input_names
+from .checkpoint import Checkpoint
+from .graph import GraphBuilder, apply_rope, linear, rms_norm, rotary_tables, silu
+from .metadata import graph_metadata
+
+MODEL_TYPES = ("llama",)
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The parts of a transformers `LlamaConfig` the graph depends on (read from config.json)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def spec(self) -> KVSpec:
+        """What one token costs per layer in the graph's K/V outputs (computed in float32)."""
+        return KVSpec(self.num_layers, self.num_kv_heads, self.head_dim, "float32")
+
+
+def read_config(ckpt: Checkpoint) -> LlamaConfig:
+    """Parse and validate a Llama config.json.
+
+    Raises:
+        UnsupportedModel: another model_type, an activation other than SiLU, or a rope type other
+            than default / llama3.
+        SpecMismatch: missing or inconsistent sizes (heads not a multiple of kv heads, ...).
+    """
+    c = ckpt.config
+    model_type = c.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedModel(
+            f"{ckpt.directory}: model_type {model_type!r} is not a Llama-family model "
+            f"(the llama exporter reads model_type {', '.join(MODEL_TYPES)})"
+        )
+    act = c.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModel(
+            f"{ckpt.directory}: hidden_act {act!r} is not supported (Llama's MLP uses silu)"
+        )
+    hidden = ckpt.require("hidden_size")
+    heads = ckpt.require("num_attention_heads")
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or hidden // heads
+    if heads % kv_heads:
+        raise SpecMismatch(
+            f"{ckpt.directory}: {heads} attention heads are not a multiple of {kv_heads} kv heads"
+        )
+    if c.get("head_dim") is None and hidden % heads:
+        raise SpecMismatch(f"{ckpt.directory}: hidden_size {hidden} is not a multiple of {heads} heads")
+    rotary_dim = int(head_dim * float(c.get("partial_rotary_factor", 1.0)))
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_layers=ckpt.require("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=ckpt.require("intermediate_size"),
+        vocab_size=ckpt.require("vocab_size"),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rope=RopeSpec(
+            theta=float(c.get("rope_theta", 10000.0)),
+            rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+            style=RopeStyle.NEOX,
+            scaling=_rope_scaling(ckpt),
+        ),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=bool(c.get("attention_bias", False)),
+        mlp_bias=bool(c.get("mlp_bias", False)),
+    )
+
+
+def _rope_scaling(ckpt: Checkpoint) -> Llama3Scaling | None:
+    scaling = ckpt.config.get("rope_scaling")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise UnsupportedModel(
+            f"{ckpt.directory}: rope_scaling type {kind!r} is not supported "
+            f"(supported: {', '.join(ROPE_TYPES)})"
+        )
+    return Llama3Scaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.ModelProto:
+    """The decoder-step ModelProto of the Llama checkpoint `ckpt` (see the module docstring)."""
+    cfg = read_config(ckpt)
+    if kv_dtype == "int8":
+        if view is View.GATHERED:
+            raise DTypeMismatch(
+                "the gathered view reads a float staging buffer (gather_rows dequantizes int8 pools): "
+                "export it with kv_dtype float32 or float16"
+            )
+        check_group_size(cfg.num_kv_heads * cfg.head_dim, 32)
+    E, KV, D, V = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    g = GraphBuilder("kvarray_llama_decoder_step")
+
+    input_ids = g.input("input_ids", "int64", ["tokens"])
+    position_ids = g.input("position_ids", "int64", ["tokens"])
+    token_sequence = g.input("token_sequence", "int64", ["tokens"]) if view is View.GATHERED else None
+    pasts = [declare_past(g, i, view, kv_dtype, KV, D, token_sequence) for i in range(cfg.num_layers)]
+    bias = g.input("attention_bias", "float32", ["tokens", "past_and_tokens"])
+    logits_index = g.input("logits_index", "int64", ["logits_rows"])
+
+    embed = g.weight("model.embed_tokens.weight", ckpt.tensor("model.embed_tokens.weight", [V, E]))
+    h = g.op("Gather", embed, input_ids, axis=0)  # [T, E]
+    with g.scope("rope"):
+        cos, sin = rotary_tables(g, position_ids, cfg.rope.inv_freq(D))
+
+    for i in range(cfg.num_layers):
+        with g.scope(f"layers.{i}"):
+            h = g.op("Add", h, _self_attention(g, ckpt, cfg, h, i, pasts[i], (cos, sin), bias))
+            h = g.op("Add", h, _mlp(g, ckpt, cfg, h, f"model.layers.{i}"))
+
+    with g.scope("head"):
+        last = g.op("Gather", h, logits_index, axis=0)  # [S, E]
+        last = rms_norm(g, last, ckpt.tensor("model.norm.weight", [E]), cfg.rms_norm_eps, "model.norm")
+        if cfg.tie_word_embeddings:
+            head = embed
+        else:
+            head = g.weight("lm_head.weight", ckpt.tensor("lm_head.weight", [V, E]))
+        g.op("Gemm", last, head, transB=1, outputs=["logits"])
+
+    outputs = ["logits"]
+    g.output("logits", "float32", ["logits_rows", V])
+    for i in range(cfg.num_layers):
+        for name in (f"new_key.{i}", f"new_value.{i}"):
+            g.output(name, "float32", ["tokens", KV, D])
+            outputs.append(name)
+    inputs = [v.name for v in g.inputs]
+    meta = graph_metadata(
+        architecture="llama",
+        graph="decoder_step",
+        spec=cfg.spec,
+        rope=cfg.rope,
+        vocab_size=V,
+        kv_dtype=kv_dtype,
+        view=view.value,
+        inputs=inputs,
+        outputs=outputs,
+        tokens={k: ckpt.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    )
+    assert all(n in inputs for i in range(cfg.num_layers) for n in past_input_names(i, kv_dtype))
+    return g.model(meta)
+
+
+def _self_attention(
+    g: GraphBuilder,
+    ckpt: Checkpoint,
+    cfg: LlamaConfig,
+    h: str,
+    i: int,
+    past: KVBlock,
+    rope: tuple[str, str],
+    bias: str,
+) -> str:
+    """Layer i's attention over `past` and this pass of the input RMSNorm of ``h [T, E]`` -> ``[T, E]``.
+
+    Produces the graph outputs ``new_key.{i}`` (after RoPE) and ``new_value.{i}`` ``[T, KV, D]``.
+    """
+    E, H, KV, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p = f"model.layers.{i}"
+    norm = ckpt.tensor(f"{p}.input_layernorm.weight", [E])
+    x = rms_norm(g, h, norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
+    rows = (("q", H * D), ("k", KV * D), ("v", KV * D))
+    weight = np.concatenate([ckpt.tensor(f"{p}.self_attn.{n}_proj.weight", [r, E]) for n, r in rows])
+    bias_qkv = None
+    if cfg.attention_bias:
+        bias_qkv = np.concatenate([ckpt.tensor(f"{p}.self_attn.{n}_proj.bias", [r]) for n, r in rows])
+    qkv = linear(g, x, weight, f"{p}.self_attn.qkv_proj", bias_qkv)  # [T, (H + 2 KV) D]
+    qkv = g.op("Reshape", qkv, g.const([0, H + 2 * KV, D]))
+    qk, value = g.op("Split", qkv, g.const([H + KV, KV]), axis=1, outputs=[f"{p}.qk", f"new_value.{i}"])
+    qk = apply_rope(g, qk, *rope, cfg.rope.rotary_dims(D), D)  # q and k rotate together
+    query, key = g.op("Split", qk, g.const([H, KV]), axis=1, outputs=[f"{p}.query", f"new_key.{i}"])
+    blocks = [past, KVBlock(key, value)]  # past cells, then this pass's tokens
+    out = attention(
+        g, query, blocks, bias, kv_heads=KV, group=cfg.group, head_dim=D, scale=1.0 / math.sqrt(D)
+    )
+    o_bias = ckpt.tensor(f"{p}.self_attn.o_proj.bias", [E]) if cfg.attention_bias else None
+    o_weight = ckpt.tensor(f"{p}.self_attn.o_proj.weight", [E, H * D])
+    return linear(g, out, o_weight, f"{p}.self_attn.o_proj", o_bias)
+
+
+def _mlp(g: GraphBuilder, ckpt: Checkpoint, cfg: LlamaConfig, h: str, p: str) -> str:
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` of the post-attention RMSNorm of ``h [T, E]`` -> ``[T, E]``."""
+    E, inner = cfg.hidden_size, cfg.intermediate_size
+    norm = ckpt.tensor(f"{p}.post_attention_layernorm.weight", [E])
+    x = rms_norm(g, h, norm, cfg.rms_norm_eps, f"{p}.post_attention_layernorm")
+    gate_up = np.concatenate([ckpt.tensor(f"{p}.mlp.{n}_proj.weight", [inner, E]) for n in ("gate", "up")])
+    bias = None
+    if cfg.mlp_bias:
+        bias = np.concatenate([ckpt.tensor(f"{p}.mlp.{n}_proj.bias", [inner]) for n in ("gate", "up")])
+    packed = linear(g, x, gate_up, f"{p}.mlp.gate_up_proj", bias)  # [T, 2 inner]
+    gate, up = g.op("Split", packed, g.const([inner, inner]), axis=-1, outputs=2)
+    hidden = g.op("Mul", silu(g, gate), up)
+    down_bias = ckpt.tensor(f"{p}.mlp.down_proj.bias", [E]) if cfg.mlp_bias else None
+    down = ckpt.tensor(f"{p}.mlp.down_proj.weight", [E, inner])
+    return linear(g, hidden, down, f"{p}.mlp.down_proj", down_bias)
+
+
+def export_llama(ckpt: Checkpoint, out_dir: Path, kv_dtype: str, view: View) -> list[Path]:
+    """Write ``decoder_step.{view}.{kv_dtype}.onnx`` into `out_dir` and return its path."""
+    from . import save_model
+
+    model = build_decoder_step(ckpt, kv_dtype, view)
+    return [save_model(model, out_dir / f"decoder_step.{view.value}.{kv_dtype}.onnx")]

@@ -1,0 +1,72 @@
+"""Live comparison with transformers (the `reference` extra): skipped, with the reason, where torch is absent.
+
+The committed references (models/*/reference.npz) are regenerated here and must agree with the files, and
+config variants the committed model does not cover are built with transformers on the spot and compared
+with their native graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY, prompts_of
+from graph_driver import GraphDriver
+from test_llama_export import NEW_TOKENS, TOLERANCE, check_against
+
+from kvarray.export import export
+from kvarray.export.reference import greedy_margin, greedy_reference, random_llama, torch_unavailable_reason
+
+REASON = torch_unavailable_reason()
+pytestmark = [pytest.mark.reference, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+BASE = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def test_committed_reference_is_what_transformers_computes(tiny_reference):
+    live = greedy_reference(TINY / "checkpoint", prompts_of(tiny_reference), NEW_TOKENS)
+    for name, value in tiny_reference.items():
+        if name.startswith("logits_"):
+            np.testing.assert_allclose(live[name], value, rtol=0, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(live[name], value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tie_word_embeddings": True},
+        {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
+        {
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+        {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
+    ],
+    ids=["tied-head", "biases-mqa", "llama3", "mha-head-dim-32"],
+)
+def test_native_graph_matches_transformers_live(tmp_path, overrides):
+    random_llama(tmp_path / "ckpt", seed=11, **{**BASE, **overrides})
+    prompts = [[72, 101, 108, 108, 111], [10, 32, 100, 101, 102, 32, 102, 40, 41, 58, 10, 9]]
+    reference = greedy_reference(tmp_path / "ckpt", prompts, NEW_TOKENS)
+    # two logits each within TOLERANCE cannot swap when their gap exceeds 2 * TOLERANCE
+    assert greedy_margin(reference) > 2 * TOLERANCE, "a near tie: choose another seed"
+    (graph,) = export("llama", tmp_path / "ckpt", tmp_path / "out")
+    check_against(reference, GraphDriver(graph, first_cell=4), TOLERANCE, [0, 1])
