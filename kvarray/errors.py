@@ -71,3 +71,43 @@ class NoForwardPass(KVArrayError, RuntimeError):
 
 class SpecMismatch(KVArrayError, ValueError):
     """A saved cache, a graph or a checkpoint made for another spec."""
+
+
+class ConfigError(KVArrayError, ValueError):
+    """An argument outside what a cache accepts: constructor options out of range or contradicting each
+    other, an unknown view name."""
+
+
+class SequenceExists(KVArrayError, ValueError):
+    """A sequence id that already holds cells where a new one is needed (the target of `copy_prefix`)."""
+
+
+class StalePlan(NoForwardPass):
+    """A forward plan used after the cache moved on (a later `start_forward`, `remove`, `defrag`, ...)."""
+
+
+class CacheClosed(KVArrayError, RuntimeError):
+    """A cache used after `close()` released its pools."""
+
+
+class UnsupportedModel(KVArrayError, ValueError):
+    """A checkpoint whose architecture, rope type or config option the exporter does not implement."""
+
+
+class MissingTensor(KVArrayError, KeyError):
+    """A tensor the model's config requires is not in the checkpoint; the message names it."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; say it plainly
+        return str(self.args[0]) if self.args else "missing tensor"
+
+
+class EntryWritten(KVArrayError, ValueError):
+    """A static encoder entry's layer written a second time (encoder K/V are written once, never changed)."""
+
+
+class UnknownModality(ConfigError):
+    """A modality the encoder cache was not configured with (its storage precision is unknown)."""
+
+
+class NoEncoderEntry(UnknownSequence):
+    """A decoder step (or fork) for a sequence without a complete encoder entry (every layer written)."""

@@ -1,0 +1,131 @@
+"""CausalCache targets (issue 3): decode-step bookkeeping, bytes per token, defragmentation under churn.
+
+Run: ``python -m pytest benchmarks/test_causal_bench.py --benchmark-enable`` (figures in docs/causal.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from kvarray.causal import CausalCache
+from kvarray.spec import KVSpec
+
+SPEC16 = KVSpec(num_layers=16, num_kv_heads=8, head_dim=64, dtype="float16")
+CONTEXT = 32  # cached tokens per sequence before the measured decode step
+
+
+@pytest.mark.parametrize("view", ["pages", "pool"])
+@pytest.mark.parametrize("sequences", [8, 16, 32, 64])
+def test_decode_step(benchmark, sequences: int, view: str) -> None:
+    """start_forward + put + get over 16 layers for one decode token per sequence (us per step)."""
+    cache = CausalCache(SPEC16, capacity=sequences * (CONTEXT + 2), max_sequences=sequences, xp=np)
+    seqs = np.arange(sequences)
+    for s in range(sequences):  # prefill one sequence at a time, then the batch decodes in lockstep
+        cache.start_forward([s] * CONTEXT, list(range(CONTEXT)))
+    rows = np.zeros((sequences, SPEC16.num_kv_heads, SPEC16.head_dim), np.float16)
+    positions = np.full(sequences, CONTEXT)
+
+    def rewind() -> None:
+        for s in range(sequences):
+            cache.remove(s, CONTEXT)
+
+    def decode_step() -> None:
+        cache.start_forward(seqs, positions)
+        for layer in range(SPEC16.num_layers):
+            cache.put(layer, rows, rows)
+            cache.get(layer, view)
+
+    benchmark.pedantic(decode_step, setup=rewind, rounds=60, warmup_rounds=5)
+    benchmark.extra_info.update(sequences=sequences, view=view, n_kv=cache.stats().n_kv)
+
+
+@pytest.mark.parametrize("sequences", [8, 16, 32, 64])
+def test_decode_bookkeeping_only(benchmark, sequences: int) -> None:
+    """start_forward + the plan's page table and pool bias, no kernel calls (us per step)."""
+    cache = CausalCache(SPEC16, capacity=sequences * (CONTEXT + 2), max_sequences=sequences, xp=np)
+    for s in range(sequences):
+        cache.start_forward([s] * CONTEXT, list(range(CONTEXT)))
+    seqs, positions = np.arange(sequences), np.full(sequences, CONTEXT)
+
+    def rewind() -> None:
+        for s in range(sequences):
+            cache.remove(s, CONTEXT)
+
+    def plan_step() -> None:
+        plan = cache.start_forward(seqs, positions)
+        _ = plan.page_table, plan.bias
+
+    benchmark.pedantic(plan_step, setup=rewind, rounds=200, warmup_rounds=5)
+    benchmark.extra_info.update(sequences=sequences, n_kv=cache.stats().n_kv)
+
+
+@pytest.mark.parametrize(
+    "kv_dtype", ["float16", "int8", ("int8", "float16")], ids=["float16", "int8", "k8v16"]
+)
+def test_bytes_per_token(benchmark, kv_dtype) -> None:
+    """Bytes per token reported by stats(); int8 (group 32) must be <= 0.535 x float16."""
+    cache = CausalCache(SPEC16, capacity=64, max_sequences=1, kv_dtype=kv_dtype, xp=np)
+    stats = benchmark(cache.stats)
+    ratio = stats.bytes_per_token / SPEC16.bytes_per_token("float16")
+    benchmark.extra_info.update(bytes_per_token=stats.bytes_per_token, ratio_to_float16=ratio)
+    if kv_dtype == "int8":
+        assert ratio <= 0.535
+
+
+def churn(cache: CausalCache, steps: int, seed: int = 0) -> float:
+    """Sequences of random prompt lengths start, decode and finish; returns the mean n_kv / used cells."""
+    rng = np.random.default_rng(seed)
+    lengths: dict[int, int] = {}
+    next_id, ratios = 0, []
+    for _ in range(steps):
+        for seq in [s for s in lengths if rng.random() < 0.08]:  # finished sequences leave
+            cache.remove(seq)
+            del lengths[seq]
+        while len(lengths) < 12:  # new ones arrive with a prompt
+            prompt = int(rng.integers(8, 120))
+            if cache.stats().cells_free < prompt + 32:
+                break
+            cache.start_forward([next_id] * prompt, list(range(prompt)))
+            lengths[next_id] = prompt
+            next_id += 1
+        if lengths:
+            seqs = list(lengths)
+            cache.start_forward(seqs, [lengths[s] for s in seqs])
+            for s in seqs:
+                lengths[s] += 1
+        stats = cache.stats()
+        ratios.append(stats.n_kv / max(stats.cells_used, 1))
+    return float(np.mean(ratios))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.1], ids=["no-defrag", "defrag-0.1"])
+def test_defrag_churn(benchmark, threshold) -> None:
+    """n_kv / used cells on a churn workload with and without defragmentation; time per MiB moved."""
+    spec = KVSpec(num_layers=16, num_kv_heads=2, head_dim=64, dtype="float16")
+    cache = CausalCache(spec, capacity=4096, max_sequences=16, defrag_threshold=threshold, xp=np)
+    start = time.perf_counter()
+    mean_ratio = churn(cache, steps=300)
+    churn_seconds = time.perf_counter() - start
+    stats = cache.stats()
+    snapshot = cache.state_dict()
+    moved: list[int] = []
+
+    def restore() -> None:
+        cache.load_state_dict(snapshot)
+
+    def forced_defrag() -> None:
+        moved.append(cache.defrag().cells_moved)
+
+    benchmark.pedantic(forced_defrag, setup=restore, rounds=10)
+    mib = moved[-1] * stats.bytes_per_token / 2**20
+    benchmark.extra_info.update(
+        mean_n_kv_over_used=round(mean_ratio, 3), defrags_during_churn=stats.defrags,
+        cells_moved_during_churn=stats.cells_moved, churn_seconds=round(churn_seconds, 3),
+        forced_defrag_mib=round(mib, 3),
+        forced_defrag_ms_per_mib=round(benchmark.stats.stats.median * 1e3 / mib, 3) if mib else None,
+    )
+    print(f"\n{threshold=}: mean n_kv/used {mean_ratio:.3f}, defrags {stats.defrags}, "
+          f"forced defrag moved {mib:.2f} MiB in {benchmark.stats.stats.median * 1e3:.2f} ms")

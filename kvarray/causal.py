@@ -1,0 +1,515 @@
+"""`CausalCache`: preallocated K/V pools plus the bookkeeping of `kvarray.cells`, behind the cache interface.
+
+The cache joins two halves that never meet otherwise: `Cells` decides which cells a batch writes (host
+NumPy integers), the kernels of `kvarray.ops` move the data (`scatter_rows` on `put`, `gather_rows` for
+the gathered view, `move_rows` for defragmentation and copy-on-write, `rope_shift` for `shift`).
+See docs/causal.md for the design, the mask rule and examples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from .cells import Cells, DefragPlan, group_batch, round_up
+from .errors import (
+    CacheClosed,
+    ConfigError,
+    DTypeMismatch,
+    IndexOutOfRange,
+    NoForwardPass,
+    ShapeMismatch,
+    SpecMismatch,
+)
+from .spec import (
+    DEFAULT_GROUP_SIZE,
+    SCALE_DTYPE,
+    KVDtypeArg,
+    KVSpec,
+    RopeSpec,
+    check_group_size,
+    kv_dtype_pair,
+)
+from .views import ForwardPlan, GatheredView, PageTable, PoolView, View
+from .xp import default_namespace, from_dlpack, to_numpy
+
+#: Version of the `state_dict` / file layout.
+STATE_FORMAT = 1
+_CONFIG_KEY = "meta.config"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of a cache's occupancy.
+
+    Attributes:
+        capacity: cells in the pools.
+        cells_used: cells owned by at least one sequence; cells_free: the rest.
+        cells_shared: cells owned by more than one sequence (prefix sharing).
+        tokens: the sequences' cell counts summed (a shared cell counts once per owner).
+        sequences: live sequences.
+        n_kv: the pool view's length; fragmentation: ``1 - cells_used / n_kv``.
+        bytes_per_token: bytes one cell takes over all layers, keys plus values, scales included.
+        bytes_in_use: ``cells_used * bytes_per_token``.
+        defrags, cells_moved: defragmentations so far and the cells they moved.
+    """
+
+    capacity: int
+    cells_used: int
+    cells_free: int
+    cells_shared: int
+    tokens: int
+    sequences: int
+    n_kv: int
+    fragmentation: float
+    bytes_per_token: int
+    bytes_in_use: int
+    defrags: int
+    cells_moved: int
+
+
+class CausalCache:
+    """A causal (decoder self-attention) KV cache over preallocated pools, one per layer.
+
+    Args:
+        spec: what one token costs per layer (`KVSpec`); `put` takes K/V in ``spec.dtype``.
+        capacity: cells per pool (tokens the cache can hold, shared cells once).
+        max_sequences: live sequences at most.
+        window: sliding window W (a token at position p sees positions > p - W) or None. With a window
+            a sequence keeps its first `sinks` cells and the last W; a decode token overwrites the oldest
+            non-sink cell in place (ring write).
+        sinks: K attention-sink cells kept at the start of every sequence (needs a window).
+        kv_dtype: storage, "float32", "float16" or "int8", or a ``(key_dtype, value_dtype)`` pair;
+            None: ``spec.dtype`` (float16 for the default spec).
+        group_size: values per int8 scale (must divide ``num_kv_heads * head_dim``).
+        defrag_threshold: fragmentation above which `start_forward` compacts the pools first (None: never).
+        xp: array namespace of the pools (numpy or cupy); None: `kvarray.xp.default_namespace()`.
+
+    Pools, per layer: keys and values ``[capacity, H, D]`` (NHD) in their storage dtype; an int8 pool adds
+    scales ``[capacity, H * D // group_size]`` float16.
+    """
+
+    # ---- construction ----------------------------------------------------------------------------
+    def __init__(
+        self,
+        spec: KVSpec,
+        capacity: int,
+        max_sequences: int,
+        *,
+        window: int | None = None,
+        sinks: int = 0,
+        kv_dtype: KVDtypeArg | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        defrag_threshold: float | None = 0.1,
+        xp: ModuleType | None = None,
+    ) -> None:
+        if defrag_threshold is not None and not 0.0 <= defrag_threshold <= 1.0:
+            raise ConfigError(f"defrag_threshold must be in [0, 1] or None, got {defrag_threshold}")
+        self.spec = spec
+        self.kv_dtype = kv_dtype_pair(spec.dtype if kv_dtype is None else kv_dtype)
+        self.group_size = int(group_size)
+        if "int8" in self.kv_dtype:
+            check_group_size(spec.row_values, self.group_size)
+        self.defrag_threshold = defrag_threshold
+        self.xp = default_namespace() if xp is None else xp
+        self._cells = Cells(capacity, max_sequences, window, sinks)
+        # storage: one entry per layer
+        shape = (capacity, spec.num_kv_heads, spec.head_dim)
+        scale_shape = (capacity, spec.row_values // self.group_size)
+        self._pools: list[list[Any]] = [[], []]  # keys, values
+        self._scales: list[list[Any | None]] = [[], []]
+        for which, name in enumerate(self.kv_dtype):
+            for _ in range(spec.num_layers):
+                self._pools[which].append(self.xp.zeros(shape, dtype=name))
+                scales = self.xp.zeros(scale_shape, dtype=SCALE_DTYPE) if name == "int8" else None
+                self._scales[which].append(scales)
+        # this forward pass
+        self._plan: ForwardPlan | None = None
+        self._device: dict[str, Any] = {}
+        self._staging: dict[tuple[int, int], Any] = {}
+        # counters
+        self._defrags = 0
+        self._cells_moved = 0
+        self._closed = False
+
+    @property
+    def capacity(self) -> int:
+        """Cells per pool."""
+        return self._cells.capacity
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window in positions, or None."""
+        return self._cells.window
+
+    @property
+    def sinks(self) -> int:
+        """Attention-sink cells kept per sequence."""
+        return self._cells.sinks
+
+    @property
+    def plan(self) -> ForwardPlan | None:
+        """The current forward pass's plan (None before the first `start_forward`)."""
+        return self._plan
+
+    # ---- used by models --------------------------------------------------------------------------
+    def put(self, layer: int, keys: Any, values: Any) -> None:
+        """Write this pass's keys and values of `layer` into the cells of ``plan.slot_mapping``.
+
+        Args:
+            layer: in ``[0, num_layers)``.
+            keys, values: ``[T, num_kv_heads, head_dim]`` (NHD) in ``spec.dtype``, any DLPack producer on
+                the cache's side (keys after RoPE). Quantized on the way into an int8 pool.
+
+        Raises `NoForwardPass` (no current plan; `StalePlan` after a management call), `IndexOutOfRange`
+        (layer), `ShapeMismatch` (rank, head shape or row count), `DTypeMismatch`. Nothing is written
+        unless both arrays pass.
+        """
+        plan = self._current_plan()
+        self._check_layer(layer)
+        count = plan.num_tokens
+        arrays = [self._check_rows("keys", keys, count), self._check_rows("values", values, count)]
+        if count == 0:
+            return
+        slots = self._on_device("slot_mapping", plan.slot_mapping)
+        for which, rows in enumerate(arrays):
+            ops.scatter_rows(self._pools[which][layer], rows, slots, scales=self._scales[which][layer])
+
+    def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:
+        """What `layer` reads in this pass: every cell the batch's tokens may attend to, their own included.
+
+        Args:
+            layer: in ``[0, num_layers)``.
+            view: `View.POOL` ("pool"): a `PoolView`, zero-copy ``[n_kv, H, D]`` slices and the bias
+                ``[T, n_kv]``; `View.GATHERED` ("gathered"): a `GatheredView`, ``[S, H, L, D]`` copies
+                (dequantized) and the bias ``[T, L]``; `View.PAGES` ("pages"): the `PageTable`.
+
+        Raises `NoForwardPass` / `StalePlan`, `IndexOutOfRange` (layer), `ConfigError` (view).
+        """
+        plan = self._current_plan()
+        self._check_layer(layer)
+        kind = View.parse(view)
+        if kind is View.POOL:
+            n = plan.n_kv
+            keys, values = (pools[layer][:n] for pools in self._pools)
+            key_scales, value_scales = (_head(s[layer], n) for s in self._scales)
+            return PoolView(keys, values, key_scales, value_scales, self._on_device("bias", plan.bias))
+        pages = plan.page_table
+        if kind is View.PAGES:
+            return PageTable(
+                self._on_device("kv_indptr", pages.kv_indptr),
+                self._on_device("kv_indices", pages.kv_indices),
+                self._on_device("kv_last_page_len", pages.kv_last_page_len),
+            )
+        lengths = plan.gathered_lengths
+        width = int(lengths.max(initial=0))
+        indptr = self._on_device("kv_indptr", pages.kv_indptr)
+        indices = self._on_device("kv_indices", pages.kv_indices)
+        out = []
+        for which in (0, 1):
+            pool, scales = self._pools[which][layer], self._scales[which][layer]
+            dtype = self.spec.dtype if scales is not None else pool.dtype
+            shape = (plan.num_sequences, pool.shape[1], width, pool.shape[2])
+            buf = self._staging_buffer(layer, which, shape, dtype)
+            ops.gather_rows(pool, indptr, indices, buf, scales=scales)
+            out.append(buf)
+        bias = self._on_device("gathered_bias", plan.gathered_bias)
+        return GatheredView(out[0], out[1], self._on_device("lengths", lengths), bias)
+
+    # ---- cache management ------------------------------------------------------------------------
+    def start_forward(self, seq_ids: Any, positions: Any) -> ForwardPlan:
+        """Assign a cell to every token of a batch and return the pass's `ForwardPlan`.
+
+        Args:
+            seq_ids: ``[T]`` integer sequence id of each token (any mix of sequences, prefill and decode).
+            positions: ``[T]`` integer position of each token. A sequence's tokens are consecutive in batch
+                order, and its first one is at the sequence's last position + 1 (a new sequence may start
+                at any position >= 0).
+
+        Defragments first when fragmentation exceeds `defrag_threshold` and compaction would lower n_kv.
+        Raises `ShapeMismatch`, `PositionError`, `TooManySequences`, `CacheFull` (with `asked` and
+        `free`); a refused batch changes nothing.
+        """
+        self._check_open()
+        batch = group_batch(to_numpy(seq_ids), to_numpy(positions))
+        cells = self._cells
+        decode = cells.decode_tables(batch)  # the fast path of a plain decode step, else validate in full
+        plans = cells.plan_batch(batch) if decode is None else []
+        if self._should_defrag():
+            self._defrag()
+            decode = cells.decode_tables(batch)
+            plans = cells.plan_batch(batch) if decode is None else []
+        if decode is not None:
+            slot_mapping = cells.commit_decode(batch, decode)
+        else:
+            slot_mapping = cells.commit_batch(batch, plans)
+        slot_mapping.flags.writeable = False
+        self._plan = ForwardPlan(
+            batch.seq_ids, batch.positions, slot_mapping, batch.sequences, batch.token_seq,
+            cells.n_kv, cells.window, cells.sinks, cells, cells.generation,
+        )
+        self._device = {}
+        return self._plan
+
+    def remove(self, seq: int, begin: int = 0, end: int | None = None) -> int:
+        """Drop `seq`'s tokens at positions ``[begin, end)`` (end None: to the end); returns how many.
+
+        A cell returns to the free list when its last owner leaves; a sequence left empty is forgotten.
+        Raises `UnknownSequence`, `PositionError` (``begin < 0`` or ``end < begin``).
+        """
+        self._check_open()
+        return self._cells.remove(seq, begin, end)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Share the first `length` cells of `src`'s cell table with the new sequence `dst` (no data copy).
+
+        Raises `UnknownSequence` (src), `PositionError` (length < 0 or more than src holds),
+        `SequenceExists` (dst holds cells), `TooManySequences`.
+        """
+        self._check_open()
+        self._cells.copy_prefix(src, dst, length)
+
+    def can_resume(self, seq: int, position: int) -> bool:
+        """True iff a token of `seq` at `position` would be accepted by `start_forward` now.
+
+        That is: `seq` holds no cells and position >= 0 and a new sequence fits `max_sequences`, or
+        position is `seq`'s last position + 1; and a cell is free for it, or (window) it overwrites a ring
+        cell. To resume at an earlier position, `remove(seq, position)` first.
+        """
+        self._check_open()
+        return self._cells.can_resume(seq, position)
+
+    def shift(self, seq: int, delta: int, rope: RopeSpec | None, begin: int = 0) -> None:
+        """Add `delta` to the positions of `seq`'s cells at positions >= `begin`, re-rotating their keys.
+
+        Args:
+            seq: a live sequence.
+            delta: position change (negative after `remove(seq, a, b)`: ``shift(seq, a - b, rope, begin=b)``).
+            rope: the model's `RopeSpec`: keys are rotated by `delta` with `ops.rope_shift` (int8 keys are
+                dequantized, rotated and re-quantized); None changes positions only (no rotary embedding).
+            begin: the first position that moves.
+
+        Cells shared with other sequences are copied first (copy-on-write). Raises `UnknownSequence`,
+        `PositionError` (a position would drop below 0 or onto a kept position), `CacheFull` (no free
+        cell for a copy), `ShapeMismatch` (rope's rotary_dim against head_dim).
+        """
+        self._check_open()
+        if rope is not None:
+            rope.rotary_dims(self.spec.head_dim)
+        plan = self._cells.shift(seq, delta, begin)
+        if len(plan.copy_src):
+            ones = np.ones(len(plan.copy_src), np.int64)
+            ops.move_rows(self._all_pools(), *(self._to_xp(a) for a in (plan.copy_src, plan.copy_dst, ones)))
+        if rope is not None and len(plan.cells):
+            cells, deltas = self._to_xp(plan.cells), self._to_xp(plan.deltas)
+            for layer in range(self.spec.num_layers):
+                ops.rope_shift(self._pools[0][layer], cells, deltas, rope, scales=self._scales[0][layer])
+
+    def defrag(self) -> DefragPlan:
+        """Compact used cells to the front now (each sequence's cells in order) and return the moves made.
+
+        One `ops.move_rows` call moves keys, values and scales of every layer. Ends the current pass
+        (its plan becomes stale); call it between passes.
+        """
+        self._check_open()
+        return self._defrag()
+
+    def stats(self) -> CacheStats:
+        """Occupancy, fragmentation and memory (`CacheStats`)."""
+        self._check_open()
+        c = self._cells
+        per_token = self.spec.bytes_per_token(self.kv_dtype, self.group_size)
+        return CacheStats(
+            capacity=c.capacity, cells_used=c.used, cells_free=c.free, cells_shared=c.shared,
+            tokens=c.tokens, sequences=len(c.tables), n_kv=c.n_kv, fragmentation=c.fragmentation,
+            bytes_per_token=per_token, bytes_in_use=c.used * per_token,
+            defrags=self._defrags, cells_moved=self._cells_moved,
+        )
+
+    def cell_table(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """`seq`'s cells ``[n]`` int32 and their positions ``[n]`` int64, in position order (copies).
+
+        For inspection and tests. Raises `UnknownSequence`.
+        """
+        self._check_open()
+        cells = self._cells.table(seq).copy()
+        return cells, self._cells.positions[cells]
+
+    def sequences(self) -> list[int]:
+        """The live sequence ids."""
+        self._check_open()
+        return list(self._cells.tables)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The whole cache as host NumPy arrays (copies): configuration, bookkeeping, every pool.
+
+        Keys: ``meta.config`` (uint8 JSON), ``cells.*`` (see `Cells.export`), ``layer.{i}.keys``,
+        ``layer.{i}.values`` ``[capacity, H, D]``, and for int8 pools ``layer.{i}.key_scales`` /
+        ``layer.{i}.value_scales`` ``[capacity, H * D // g]`` float16.
+        """
+        self._check_open()
+        state = {_CONFIG_KEY: np.frombuffer(self._config_json().encode(), np.uint8).copy()}
+        state.update({f"cells.{k}": v for k, v in self._cells.export().items()})
+        for name, arr in self._named_pools():
+            state[name] = np.array(to_numpy(arr), copy=True)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict` bit for bit (sharing, positions, ring order, scales included).
+
+        Raises `SpecMismatch` for a state made for another configuration (spec, capacity, max_sequences,
+        window, sinks, storage dtypes, group size) or an inconsistent one; the cache is then unchanged.
+        """
+        self._check_open()
+        config = state.get(_CONFIG_KEY)
+        if config is None:
+            raise SpecMismatch("not a kvarray cache state: meta.config is missing")
+        theirs, ours = bytes(np.asarray(config, np.uint8)).decode(), self._config_json()
+        if json.loads(theirs) != json.loads(ours):
+            raise SpecMismatch(f"the state was made for {theirs}; this cache is {ours}")
+        cells_state = {k[len("cells.") :]: to_numpy(v) for k, v in state.items() if k.startswith("cells.")}
+        why = self._cells.check_state(cells_state)
+        if why:
+            raise SpecMismatch(f"inconsistent cache state: {why}")
+        for name, arr in self._named_pools():
+            saved = state.get(name)
+            if saved is None or (tuple(saved.shape), np.dtype(saved.dtype)) != (arr.shape, arr.dtype):
+                raise SpecMismatch(f"{name} is missing or not {np.dtype(arr.dtype)} {tuple(arr.shape)}")
+        for name, arr in self._named_pools():
+            arr[...] = self.xp.asarray(state[name])
+        self._cells.restore(cells_state)
+
+    def save(self, path: str) -> None:
+        """Write `state_dict` to a safetensors file (configuration and version in its metadata strings)."""
+        from safetensors.numpy import save_file
+
+        state = self.state_dict()
+        config = bytes(state.pop(_CONFIG_KEY)).decode()
+        from . import __version__
+
+        save_file(state, str(path), metadata={"kvarray.config": config, "kvarray.version": __version__})
+
+    def load(self, path: str) -> None:
+        """Restore a file written by `save`. Raises `SpecMismatch` (cache unchanged) for another config."""
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+
+        self._check_open()
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+        if "kvarray.config" not in metadata:
+            raise SpecMismatch(f"{path} is not a kvarray cache file (no kvarray.config metadata)")
+        state: dict[str, Any] = dict(load_file(str(path)))
+        state[_CONFIG_KEY] = np.frombuffer(metadata["kvarray.config"].encode(), np.uint8)
+        self.load_state_dict(state)
+
+    def close(self) -> None:
+        """Release the pools and staging buffers; any later use raises `CacheClosed`. Idempotent."""
+        self._pools = [[], []]
+        self._scales = [[], []]
+        self._staging = {}
+        self._device = {}
+        self._plan = None
+        self._closed = True
+
+    def __enter__(self) -> CausalCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosed("this cache was closed")
+
+    def _current_plan(self) -> ForwardPlan:
+        self._check_open()
+        if self._plan is None:
+            raise NoForwardPass("call start_forward(seq_ids, positions) before put or get")
+        self._plan.check_current()
+        return self._plan
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.spec.num_layers:
+            raise IndexOutOfRange(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
+
+    def _check_rows(self, name: str, arr: Any, count: int) -> Any:
+        rows = from_dlpack(arr, self.xp)
+        want = (count, self.spec.num_kv_heads, self.spec.head_dim)
+        if rows.ndim != 3 or tuple(rows.shape[1:]) != want[1:]:
+            raise ShapeMismatch(f"{name} must be [T, kv_heads, head_dim] = {want}, got {tuple(rows.shape)}")
+        if rows.shape[0] != count:
+            raise ShapeMismatch(f"{name} has {rows.shape[0]} rows; this pass has {count} tokens")
+        if np.dtype(rows.dtype) != np.dtype(self.spec.dtype):
+            raise DTypeMismatch(f"{name} must be {self.spec.dtype} (the spec's dtype), got {rows.dtype}")
+        return self.xp.ascontiguousarray(rows)
+
+    def _to_xp(self, arr: np.ndarray) -> Any:
+        return arr if self.xp is np else self.xp.asarray(arr)
+
+    def _on_device(self, name: str, arr: np.ndarray) -> Any:
+        """`arr` on the cache's side, copied once per plan for CuPy pools."""
+        if self.xp is np:
+            return arr
+        if name not in self._device:
+            self._device[name] = self.xp.asarray(arr)
+        return self._device[name]
+
+    def _staging_buffer(self, layer: int, which: int, shape: tuple[int, int, int, int], dtype: Any) -> Any:
+        """A C-contiguous ``shape`` array over the layer's staging storage, grown (x1.5) when too small."""
+        size = math.prod(shape)
+        buf = self._staging.get((layer, which))
+        if buf is None or buf.size < size or np.dtype(buf.dtype) != np.dtype(dtype):
+            buf = self.xp.empty(max(size, int(1.5 * (0 if buf is None else buf.size))), dtype=dtype)
+            self._staging[(layer, which)] = buf
+        return buf[:size].reshape(shape)
+
+    def _all_pools(self) -> list[Any]:
+        return [arr for _, arr in self._named_pools()]
+
+    def _named_pools(self) -> list[tuple[str, Any]]:
+        named = []
+        for layer in range(self.spec.num_layers):
+            for which, kind in enumerate(("key", "value")):
+                named.append((f"layer.{layer}.{kind}s", self._pools[which][layer]))
+                if self._scales[which][layer] is not None:
+                    named.append((f"layer.{layer}.{kind}_scales", self._scales[which][layer]))
+        return named
+
+    def _should_defrag(self) -> bool:
+        c = self._cells
+        if self.defrag_threshold is None or c.used == 0 or c.fragmentation <= self.defrag_threshold:
+            return False
+        return min(round_up(c.used), c.capacity) < c.n_kv
+
+    def _defrag(self) -> DefragPlan:
+        plan = self._cells.plan_defrag()
+        if plan.cells_moved:
+            runs = (self._to_xp(a) for a in (plan.src, plan.dst, plan.length))
+            ops.move_rows(self._all_pools(), *runs)
+            self._cells.apply_defrag(plan)
+            self._defrags += 1
+            self._cells_moved += plan.cells_moved
+        return plan
+
+    def _config_json(self) -> str:
+        s, c = self.spec, self._cells
+        config = {
+            "format": STATE_FORMAT, "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim, "dtype": s.dtype, "capacity": c.capacity,
+            "max_sequences": c.max_sequences, "window": c.window, "sinks": c.sinks,
+            "kv_dtype": list(self.kv_dtype), "group_size": self.group_size,
+        }
+        return json.dumps(config, sort_keys=True)
+
+
+def _head(arr: Any | None, n: int) -> Any | None:
+    """``arr[:n]``, or None for None."""
+    return None if arr is None else arr[:n]

@@ -1,0 +1,697 @@
+"""Cell bookkeeping of a causal cache: NumPy integers and plain Python, never K/V data.
+
+A *cell* is one token's row in every pool. This module decides which cells a batch writes (the free list,
+each sequence's cell table, ring windows with sinks, prefix sharing by reference counts), and plans
+defragmentation; `kvarray.causal` joins it with the pools and the kernels.
+
+State, all on the host:
+    positions  ``[capacity]`` int64: the token position a cell holds, `FREE_CELL` when no sequence owns it.
+    refs       ``[capacity]`` int32: how many sequences own the cell (0 = free, > 1 = shared).
+    tables     sequence id -> `SequenceCells`, the sequence's cells in increasing position order.
+
+Every mutating method either raises a `kvarray.errors` exception before changing anything or completes,
+and bumps `generation`, which plans use to notice that they are stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import (
+    CacheFull,
+    ConfigError,
+    PositionError,
+    SequenceExists,
+    ShapeMismatch,
+    TooManySequences,
+    UnknownSequence,
+)
+
+#: The position of a cell that no sequence owns.
+FREE_CELL = -1
+#: n_kv, the length of the pool view, is the high-water mark of used cells rounded up to this multiple.
+N_KV_MULTIPLE = 32
+
+
+def round_up(n: int, multiple: int = N_KV_MULTIPLE) -> int:
+    """The smallest multiple of `multiple` that is >= n (0 stays 0)."""
+    return -(-n // multiple) * multiple
+
+
+class SequenceCells:
+    """One sequence's cell table: its cells in increasing position order, in a growable int32 buffer."""
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self, cells: np.ndarray | None = None) -> None:
+        size = 0 if cells is None else len(cells)
+        self.buf = np.empty(max(16, 2 * size), np.int32)
+        self.n = size
+        if cells is not None and size:
+            self.buf[:size] = cells
+
+    def view(self) -> np.ndarray:
+        """The cells ``[n]`` int32 in position order (a view; copy it to keep it)."""
+        return self.buf[: self.n]
+
+    def last(self) -> int:
+        """The cell holding the sequence's highest position."""
+        return int(self.buf[self.n - 1])
+
+    def extend(self, cells: np.ndarray) -> None:
+        """Append cells (their positions follow the current last one)."""
+        end = self.n + len(cells)
+        if end > len(self.buf):
+            grown = np.empty(max(2 * len(self.buf), end), np.int32)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : end] = cells
+        self.n = end
+
+    def delete(self, start: int, count: int) -> None:
+        """Drop ``count`` entries from index ``start`` (NumPy copes with the overlap)."""
+        if count:
+            self.buf[start : self.n - count] = self.buf[start + count : self.n].copy()
+            self.n -= count
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep the entries where ``mask [n]`` is true, in order."""
+        kept = self.view()[mask]
+        self.buf[: len(kept)] = kept
+        self.n = len(kept)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A validated batch, grouped by sequence (the part of a plan that does not depend on the cells).
+
+    Attributes:
+        seq_ids: ``[T]`` int64 sequence of each token.
+        positions: ``[T]`` int64 position of each token.
+        sequences: ``[S]`` int64 the batch's sequences in order of first appearance.
+        token_seq: ``[T]`` int32 index into `sequences` of each token.
+        order: ``[T]`` int64 the tokens grouped by sequence (stable), so that sequence k's tokens are
+            ``order[starts[k]:starts[k] + counts[k]]`` in increasing position.
+        starts, counts: ``[S]`` int64 each sequence's slice of `order`.
+    """
+
+    seq_ids: np.ndarray
+    positions: np.ndarray
+    sequences: np.ndarray
+    token_seq: np.ndarray
+    order: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+
+
+class _SeqPlan(NamedTuple):
+    """What one sequence of a batch does: evict table[sinks : sinks + evict], reuse some, take `fresh`."""
+
+    seq: int
+    first_position: int
+    tokens: int
+    evict: int
+    reuse: list[int]
+    fresh: int
+
+
+@dataclass(frozen=True, slots=True)
+class DefragPlan:
+    """Runs of cell moves: rows ``[src[m], src[m] + length[m])`` go to ``[dst[m], ...)``, int64 ``[M]`` each.
+
+    `cells_moved` is ``length.sum()``; `n_kv_before` / `n_kv_after` the pool view length around it.
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    length: np.ndarray
+    cells_moved: int
+    n_kv_before: int
+    n_kv_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShiftPlan:
+    """What `Cells.shift` did: copy ``copy_src[i] -> copy_dst[i]`` (copy-on-write of shared cells) first,
+    then rotate keys of ``cells [n]`` by ``deltas [n]`` (int64)."""
+
+    copy_src: np.ndarray
+    copy_dst: np.ndarray
+    cells: np.ndarray
+    deltas: np.ndarray
+
+
+def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The rows ``[starts[m], starts[m] + lengths[m])`` of every run, concatenated, int64."""
+    lengths = np.asarray(lengths, np.int64)
+    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(np.asarray(starts, np.int64), lengths) + offsets
+
+
+def group_batch(seq_ids: object, positions: object) -> Batch:
+    """Validate the shapes of a batch and group its tokens by sequence (order of first appearance).
+
+    Raises `ShapeMismatch` for arrays that are not 1-D integers of one length, `PositionError` when a
+    sequence's tokens are not consecutive positions in batch order.
+    """
+    ids = np.asarray(seq_ids)
+    pos = np.asarray(positions)
+    if ids.ndim != 1 or pos.ndim != 1 or ids.shape != pos.shape:
+        raise ShapeMismatch(f"seq_ids and positions must be [T] each, got {ids.shape} and {pos.shape}")
+    for name, arr in (("seq_ids", ids), ("positions", pos)):
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ShapeMismatch(f"{name} must be integers, got {arr.dtype}")
+    ids = ids.astype(np.int64, copy=True)
+    pos = pos.astype(np.int64, copy=True)
+    count = len(ids)
+    if len(set(ids.tolist())) == count:  # one token per sequence (decode): nothing to group
+        arange = np.arange(count, dtype=np.int64)
+        return Batch(ids, pos, ids, arange.astype(np.int32), arange, arange, np.ones(count, np.int64))
+    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty(len(uniq), np.int32)
+    rank[by_first] = np.arange(len(uniq), dtype=np.int32)
+    token_seq = rank[inverse.reshape(-1)]
+    order = np.argsort(token_seq, kind="stable")
+    counts = np.bincount(token_seq, minlength=len(uniq)).astype(np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    grouped_seq, grouped_pos = token_seq[order], pos[order]
+    same = grouped_seq[1:] == grouped_seq[:-1]
+    bad = np.flatnonzero(same & (grouped_pos[1:] != grouped_pos[:-1] + 1))
+    if bad.size:
+        t = int(order[bad[0] + 1])
+        raise PositionError(
+            f"sequence {int(ids[t])}: token {t} is at position {int(pos[t])}, the previous token of its "
+            f"sequence in the batch is at {int(grouped_pos[bad[0]])}; a sequence's tokens must be consecutive"
+        )
+    return Batch(ids, pos, uniq[by_first], token_seq, order, starts, counts)
+
+
+class Cells:
+    """The bookkeeping of one causal cache: free list, cell tables, ownership, windows, defrag plans.
+
+    Args:
+        capacity: cells in the pools.
+        max_sequences: live sequences (sequences holding at least one cell) at most.
+        window: sliding window W in positions (a token at p sees positions > p - W), or None.
+        sinks: K, the first cells of every sequence that stay visible and are never evicted (with a window).
+    """
+
+    def __init__(self, capacity: int, max_sequences: int, window: int | None = None, sinks: int = 0) -> None:
+        if capacity <= 0 or max_sequences <= 0:
+            raise ConfigError(f"capacity and max_sequences must be positive, got {capacity}, {max_sequences}")
+        if window is not None and window <= 0:
+            raise ConfigError(f"window must be a positive number of positions or None, got {window}")
+        if sinks < 0 or (sinks and window is None):
+            raise ConfigError(f"sinks must be >= 0 and need a window, got sinks={sinks}, window={window}")
+        self.capacity = int(capacity)
+        self.max_sequences = int(max_sequences)
+        self.window = None if window is None else int(window)
+        self.sinks = int(sinks)
+        self.positions = np.full(self.capacity, FREE_CELL, np.int64)
+        self.refs = np.zeros(self.capacity, np.int32)
+        self.tables: dict[int, SequenceCells] = {}
+        self.generation = 0
+        self.used = 0
+        self._lowest_free = 0  # no free cell below this index
+        self._top = 0  # no used cell at or above this index
+        self._top_exact = True
+
+    # ---- queries ---------------------------------------------------------------------------------
+    @property
+    def free(self) -> int:
+        """Cells no sequence owns."""
+        return self.capacity - self.used
+
+    @property
+    def top(self) -> int:
+        """One past the highest used cell (0 when the cache is empty)."""
+        if not self._top_exact:
+            used = np.flatnonzero(self.refs[: self._top])
+            self._top = int(used[-1]) + 1 if used.size else 0
+            self._top_exact = True
+        return self._top
+
+    @property
+    def n_kv(self) -> int:
+        """The pool view's length: `top` rounded up to a multiple of `N_KV_MULTIPLE`, at most `capacity`."""
+        return min(round_up(self.top), self.capacity)
+
+    @property
+    def fragmentation(self) -> float:
+        """``1 - used / n_kv`` (0 for an empty cache)."""
+        n_kv = self.n_kv
+        return 1.0 - self.used / n_kv if n_kv else 0.0
+
+    @property
+    def shared(self) -> int:
+        """Cells owned by more than one sequence."""
+        return int(np.count_nonzero(self.refs > 1))
+
+    @property
+    def tokens(self) -> int:
+        """Sum of the sequences' cell counts (shared cells counted once per owner)."""
+        return sum(t.n for t in self.tables.values())
+
+    def table(self, seq: int) -> np.ndarray:
+        """Sequence `seq`'s cells ``[n]`` int32 in position order (a view). Raises `UnknownSequence`."""
+        cells = self.tables.get(int(seq))
+        if cells is None:
+            raise UnknownSequence(f"sequence {seq} holds no cells")
+        return cells.view()
+
+    def last_position(self, seq: int) -> int | None:
+        """The highest position `seq` holds, or None for a sequence without cells."""
+        cells = self.tables.get(int(seq))
+        return None if cells is None else int(self.positions[cells.last()])
+
+    def sequences(self) -> Iterator[tuple[int, SequenceCells]]:
+        """The live sequences and their tables, in insertion order."""
+        return iter(self.tables.items())
+
+    # ---- forward passes --------------------------------------------------------------------------
+    def plan_batch(self, batch: Batch) -> list[_SeqPlan]:
+        """Decide, without changing anything, what each sequence of `batch` evicts, reuses and allocates.
+
+        Raises `PositionError`, `TooManySequences` or `CacheFull` (asked = fresh cells the batch needs,
+        free = cells free plus those its evictions release).
+        """
+        positions, refs, window, sinks = self.positions, self.refs, self.window, self.sinks
+        plans: list[_SeqPlan] = []
+        new_sequences = 0
+        fresh_total = 0
+        dropped: list[int] = []
+        first_positions = batch.positions[batch.order[batch.starts]].tolist()
+        counts = batch.counts.tolist()
+        for seq, p0, count in zip(batch.sequences.tolist(), first_positions, counts, strict=True):
+            table = self.tables.get(seq)
+            if table is None:
+                if p0 < 0:
+                    raise PositionError(f"sequence {seq} cannot start at negative position {p0}")
+                new_sequences += 1
+                plans.append(_SeqPlan(seq, p0, count, 0, [], count))
+                fresh_total += count
+                continue
+            last = int(positions[table.buf[table.n - 1]])
+            if p0 != last + 1:
+                raise PositionError(
+                    f"sequence {seq} holds positions up to {last}; its next token must be at {last + 1}, "
+                    f"got {p0} (use remove() or shift() to rewrite a sequence)"
+                )
+            evict, reuse = 0, list[int]()
+            if window is not None:
+                limit, cells, i = p0 - window, table.buf, sinks
+                while i < table.n and positions[cells[i]] <= limit:
+                    i += 1
+                evict = i - sinks if i > sinks else 0
+                for c in cells[sinks : sinks + evict].tolist():
+                    if refs[c] == 1 and len(reuse) < count:
+                        reuse.append(c)
+                    else:
+                        dropped.append(c)
+            plans.append(_SeqPlan(seq, p0, count, evict, reuse, count - len(reuse)))
+            fresh_total += count - len(reuse)
+        if new_sequences and len(self.tables) + new_sequences > self.max_sequences:
+            raise TooManySequences(
+                f"the batch starts {new_sequences} new sequence(s) while {len(self.tables)} are live; "
+                f"max_sequences is {self.max_sequences}"
+            )
+        if fresh_total > self.free:
+            released = 0
+            if dropped:
+                cells, drops = np.unique(np.asarray(dropped, np.int64), return_counts=True)
+                released = int(np.count_nonzero(refs[cells] == drops))
+            if fresh_total > self.free + released:
+                raise CacheFull(fresh_total, self.free + released)
+        return plans
+
+    def decode_tables(self, batch: Batch) -> list[SequenceCells] | None:
+        """The tables of a plain decode batch, or None when `batch` needs the general path.
+
+        Plain decode: no window, every token the next one of a live sequence, one token per sequence, and
+        enough free cells. Changes nothing; `commit_decode` then allocates like `commit_batch` would.
+        """
+        count = len(batch.seq_ids)
+        if self.window is not None or count > self.free or len(batch.sequences) != count:
+            return None
+        tables = self.tables
+        try:
+            found = [tables[s] for s in batch.sequences.tolist()]
+        except KeyError:
+            return None
+        last = np.fromiter((t.buf[t.n - 1] for t in found), np.int64, len(found))
+        if not np.array_equal(self.positions[last] + 1, batch.positions):
+            return None
+        return found
+
+    def commit_decode(self, batch: Batch, found: list[SequenceCells]) -> np.ndarray:
+        """Allocate one cell per sequence of a plain decode batch (`decode_tables`); returns
+        ``slot_mapping [T]`` int32. Same choices as `commit_batch`: the cell after each sequence's last
+        cell when free (one sequence per cell), else the lowest free cells in batch order."""
+        refs = self.refs
+        after = np.fromiter((t.buf[t.n - 1] for t in found), np.int64, len(found)) + 1
+        ok = after < self.capacity
+        ok[ok] = refs[after[ok]] == 0
+        first = np.zeros(len(after), bool)
+        first[np.unique(after, return_index=True)[1]] = True
+        ok &= first
+        refs[after[ok]] = 1
+        self.used += int(ok.sum())
+        cells = after
+        cells[~ok] = self._take_lowest(int((~ok).sum()))
+        slot_mapping = cells.astype(np.int32)
+        self.positions[slot_mapping] = batch.positions
+        for table, cell in zip(found, slot_mapping.tolist(), strict=True):
+            if table.n < len(table.buf):
+                table.buf[table.n] = cell
+                table.n += 1
+            else:
+                table.extend(np.array([cell], np.int32))
+        if len(slot_mapping):
+            self._top = max(self._top, int(slot_mapping.max()) + 1)
+        self.generation += 1
+        return slot_mapping
+
+    def commit_batch(self, batch: Batch, plans: list[_SeqPlan]) -> np.ndarray:
+        """Apply `plan_batch`'s decisions; returns ``slot_mapping [T]`` int32 (the cell of each token).
+
+        Fresh cells: first each sequence extends the run of free cells right after its last cell (when two
+        sequences end on one shared cell, the next cell goes to one of them), then the remaining tokens
+        take the lowest free cells, sequences in order of first appearance.
+        """
+        positions, refs, sinks, tables = self.positions, self.refs, self.sinks, self.tables
+        chosen: list[list[int]] = []
+        one_more: list[tuple[int, int]] = []  # (plan index, the cell after the sequence's last): decode
+        for k, plan in enumerate(plans):
+            table = tables.get(plan.seq)
+            if plan.evict:
+                assert table is not None
+                evicted = table.buf[sinks : sinks + plan.evict].tolist()
+                table.delete(sinks, plan.evict)
+                keep = set(plan.reuse)
+                self._release([c for c in evicted if c not in keep])
+            cells = list(plan.reuse)
+            if plan.fresh and table is not None and table.n:
+                start = int(table.buf[table.n - 1]) + 1
+                if plan.fresh == 1:
+                    one_more.append((k, start))
+                else:
+                    run = self._free_run(start, plan.fresh)
+                    if run:
+                        cells.extend(range(start, start + run))
+                        refs[start : start + run] = 1
+                        self.used += run
+            chosen.append(cells)
+        if one_more:
+            index = np.fromiter((k for k, _ in one_more), np.int64, len(one_more))
+            after = np.fromiter((c for _, c in one_more), np.int64, len(one_more))
+            ok = after < self.capacity
+            ok[ok] = refs[after[ok]] == 0
+            first = np.zeros(len(after), bool)
+            first[np.unique(after, return_index=True)[1]] = True
+            ok &= first
+            refs[after[ok]] = 1
+            self.used += int(ok.sum())
+            for k, c in zip(index[ok].tolist(), after[ok].tolist(), strict=True):
+                chosen[k].append(c)
+        missing = [plan.tokens - len(cells) for plan, cells in zip(plans, chosen, strict=True)]
+        lowest = self._take_lowest(sum(missing)).tolist()
+        grouped: list[int] = []
+        offset = 0
+        for cells, more in zip(chosen, missing, strict=True):
+            if more:
+                cells.extend(lowest[offset : offset + more])
+                offset += more
+            grouped.extend(cells)
+        grouped_cells = np.asarray(grouped, np.int32)
+        slot_mapping = np.empty(len(batch.seq_ids), np.int32)
+        slot_mapping[batch.order] = grouped_cells
+        positions[grouped_cells] = batch.positions[batch.order]
+        for plan, cells in zip(plans, chosen, strict=True):
+            table = tables.get(plan.seq)
+            if table is None:
+                tables[plan.seq] = SequenceCells(np.asarray(cells, np.int32))
+            elif len(cells) == 1 and table.n < len(table.buf):
+                table.buf[table.n] = cells[0]
+                table.n += 1
+            else:
+                table.extend(np.asarray(cells, np.int32))
+        if len(slot_mapping):
+            self._top = max(self._top, int(grouped_cells.max()) + 1)
+        assert self.used <= self.capacity
+        self.generation += 1
+        return slot_mapping
+
+    def _free_run(self, start: int, limit: int) -> int:
+        """Free cells at ``start, start + 1, ...`` (at most `limit`)."""
+        segment = self.refs[start : start + limit]
+        taken = np.flatnonzero(segment)
+        return int(taken[0]) if taken.size else len(segment)
+
+    def _take_lowest(self, n: int) -> np.ndarray:
+        """Mark the `n` lowest free cells owned (refs = 1) and return them ``[n]`` int32, ascending."""
+        if n == 0:
+            return np.empty(0, np.int32)
+        found: list[np.ndarray] = []
+        have, lo, chunk = 0, self._lowest_free, max(64, 2 * n)
+        while have < n:
+            assert lo < self.capacity, "the free count and the refs disagree"
+            free = np.flatnonzero(self.refs[lo : lo + chunk] == 0)[: n - have] + lo
+            found.append(free)
+            have += len(free)
+            lo += chunk
+            chunk *= 2
+        cells = np.concatenate(found).astype(np.int32)
+        self.refs[cells] = 1
+        self.used += n
+        self._lowest_free = int(cells[-1]) + 1
+        return cells
+
+    def _release(self, cells: list[int] | np.ndarray) -> None:
+        """Drop one reference from each of `cells` (distinct); cells whose last owner left become free."""
+        if len(cells) == 0:
+            return
+        arr = np.asarray(cells, np.int64)
+        self.refs[arr] -= 1
+        freed = arr[self.refs[arr] == 0]
+        if freed.size:
+            self.positions[freed] = FREE_CELL
+            self.used -= len(freed)
+            self._lowest_free = min(self._lowest_free, int(freed.min()))
+            self._top_exact = False
+
+    # ---- cache management ------------------------------------------------------------------------
+    def can_resume(self, seq: int, position: int) -> bool:
+        """True iff a one-token batch ``(seq, position)`` would be accepted now (see `CausalCache`)."""
+        batch = group_batch([seq], [position])
+        try:
+            self.plan_batch(batch)
+        except (PositionError, TooManySequences, CacheFull):
+            return False
+        return True
+
+    def remove(self, seq: int, begin: int = 0, end: int | None = None) -> int:
+        """Drop `seq`'s cells with positions in ``[begin, end)`` (end None: no upper bound); returns how many.
+
+        A sequence left without cells is forgotten. Raises `UnknownSequence`, or `PositionError` when
+        ``begin < 0`` or ``end < begin``.
+        """
+        table = self.tables.get(int(seq))
+        if table is None:
+            raise UnknownSequence(f"sequence {seq} holds no cells")
+        if begin < 0 or (end is not None and end < begin):
+            raise PositionError(f"remove needs 0 <= begin <= end, got [{begin}, {end})")
+        cells = table.view()
+        pos = self.positions[cells]
+        drop = pos >= begin
+        if end is not None:
+            drop &= pos < end
+        if not drop.any():
+            return 0
+        self._release(cells[drop].copy())
+        table.keep(~drop)
+        if table.n == 0:
+            del self.tables[int(seq)]
+        self.generation += 1
+        return int(drop.sum())
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Share the first `length` cells of `src`'s table with the new sequence `dst` (no data moves).
+
+        Raises `UnknownSequence` (src), `PositionError` (length < 0 or longer than src),
+        `SequenceExists` (dst holds cells), `TooManySequences`.
+        """
+        table = self.tables.get(int(src))
+        if table is None:
+            raise UnknownSequence(f"sequence {src} holds no cells")
+        if length < 0 or length > table.n:
+            raise PositionError(f"copy_prefix of {length} cells from sequence {src}, which holds {table.n}")
+        if int(dst) in self.tables:
+            raise SequenceExists(f"copy_prefix target {dst} already holds {self.tables[int(dst)].n} cells")
+        if length == 0:
+            return
+        if len(self.tables) >= self.max_sequences:
+            live = len(self.tables)
+            raise TooManySequences(f"{live} sequences are live; max_sequences is {self.max_sequences}")
+        cells = table.view()[:length].copy()
+        self.refs[cells] += 1
+        self.tables[int(dst)] = SequenceCells(cells)
+        self.generation += 1
+
+    def shift(self, seq: int, delta: int, begin: int = 0) -> ShiftPlan:
+        """Add `delta` to the position of each of `seq`'s cells with position >= `begin`.
+
+        Shared cells among them are first replaced by fresh cells (the returned plan says which to copy).
+        Raises `UnknownSequence`, `PositionError` (a position would fall below 0 or reach a kept cell's),
+        `CacheFull` (no room for the copies).
+        """
+        table = self.tables.get(int(seq))
+        if table is None:
+            raise UnknownSequence(f"sequence {seq} holds no cells")
+        cells = table.view()
+        pos = self.positions[cells]
+        first = int(np.searchsorted(pos, begin, side="left"))
+        empty = np.empty(0, np.int64)
+        if first == table.n or delta == 0:
+            return ShiftPlan(empty, empty, empty, empty)
+        floor = int(pos[first - 1]) + 1 if first else 0
+        if int(pos[first]) + delta < floor:
+            raise PositionError(
+                f"shifting sequence {seq}'s positions >= {begin} by {delta} would move position "
+                f"{int(pos[first])} to {int(pos[first]) + delta}, below {floor}"
+            )
+        moved = cells[first:].copy()
+        shared = moved[self.refs[moved] > 1]
+        if len(shared) > self.free:
+            raise CacheFull(len(shared), self.free)
+        fresh = self._take_lowest(len(shared))
+        if len(shared):
+            self.refs[shared] -= 1
+            moved[np.isin(moved, shared)] = fresh
+            table.buf[first : table.n] = moved
+            self._top = max(self._top, int(fresh.max()) + 1)
+        self.positions[moved] = pos[first:] + delta
+        self.generation += 1
+        deltas = np.full(len(moved), delta, np.int64)
+        return ShiftPlan(shared.astype(np.int64), fresh.astype(np.int64), moved.astype(np.int64), deltas)
+
+    # ---- defragmentation -------------------------------------------------------------------------
+    def plan_defrag(self) -> DefragPlan:
+        """Compact used cells to the front, each sequence's cells in position order (a shared prefix goes
+        with the first sequence that holds it; sequences in order of their first cell), merged into runs."""
+        n_kv_before = self.n_kv
+        new_index = np.full(self.capacity, FREE_CELL, np.int64)
+        nxt = 0
+        tables = sorted(self.tables.values(), key=lambda t: int(t.buf[0]))
+        for table in tables:
+            cells = table.view()
+            unplaced = cells[new_index[cells] == FREE_CELL]
+            new_index[unplaced] = np.arange(nxt, nxt + len(unplaced))
+            nxt += len(unplaced)
+        assert nxt == self.used
+        old = np.flatnonzero(new_index != FREE_CELL)
+        new = new_index[old]
+        by_new = np.argsort(new, kind="stable")
+        old, new = old[by_new], new[by_new]
+        moving = old != new
+        old, new = old[moving], new[moving]
+        if old.size == 0:
+            empty = np.empty(0, np.int64)
+            return DefragPlan(empty, empty, empty, 0, n_kv_before, n_kv_before)
+        breaks = np.flatnonzero((np.diff(old) != 1) | (np.diff(new) != 1)) + 1
+        run_starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((run_starts, [len(old)])))
+        return DefragPlan(
+            old[run_starts], new[run_starts], lengths.astype(np.int64), int(len(old)),
+            n_kv_before, min(round_up(self.used), self.capacity),
+        )
+
+    def apply_defrag(self, plan: DefragPlan) -> None:
+        """Renumber the bookkeeping after the pools moved by `plan` (`plan_defrag`'s, nothing in between)."""
+        if plan.cells_moved == 0:
+            return
+        old = expand_runs(plan.src, plan.length)
+        new = expand_runs(plan.dst, plan.length)
+        remap = np.arange(self.capacity, dtype=np.int64)
+        remap[old] = new
+        positions, refs = self.positions.copy(), self.refs.copy()
+        self.positions[:] = FREE_CELL
+        self.refs[:] = 0
+        used = np.flatnonzero(refs)
+        self.positions[remap[used]] = positions[used]
+        self.refs[remap[used]] = refs[used]
+        for table in self.tables.values():
+            table.buf[: table.n] = remap[table.view()]
+        self._lowest_free = self.used
+        self._top, self._top_exact = self.used, True
+        self.generation += 1
+
+    # ---- state -------------------------------------------------------------------------------------
+    def export(self) -> dict[str, np.ndarray]:
+        """The bookkeeping as arrays: ``positions [capacity]`` int64, ``refs [capacity]`` int32, ``seq_ids
+        [S]`` int64, ``seq_indptr [S + 1]`` int64 and ``seq_cells [nnz]`` int32 (CSR of the cell tables)."""
+        ids = list(self.tables)
+        lengths = [self.tables[s].n for s in ids]
+        cells = [self.tables[s].view() for s in ids]
+        return {
+            "positions": self.positions.copy(),
+            "refs": self.refs.copy(),
+            "seq_ids": np.asarray(ids, np.int64),
+            "seq_indptr": np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int64),
+            "seq_cells": np.concatenate(cells).astype(np.int32) if cells else np.empty(0, np.int32),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the bookkeeping with `export`'s arrays. The caller has checked them with `check_state`."""
+        self.positions[:] = state["positions"]
+        self.refs[:] = state["refs"]
+        indptr = state["seq_indptr"]
+        self.tables = {
+            int(s): SequenceCells(state["seq_cells"][indptr[i] : indptr[i + 1]])
+            for i, s in enumerate(state["seq_ids"].tolist())
+        }
+        self.used = int(np.count_nonzero(self.refs))
+        free = np.flatnonzero(self.refs == 0)
+        self._lowest_free = int(free[0]) if free.size else self.capacity
+        self._top_exact = False
+        self._top = self.capacity
+        self.generation += 1
+
+    def check_state(self, state: dict[str, np.ndarray]) -> str:
+        """Why `state` is not a consistent bookkeeping for these cells, or "" when it is."""
+        want = {"positions": (np.int64, (self.capacity,)), "refs": (np.int32, (self.capacity,))}
+        for name, (dtype, shape) in want.items():
+            arr = state.get(name)
+            if arr is None or arr.dtype != dtype or arr.shape != shape:
+                return f"{name} must be {np.dtype(dtype)} {shape}"
+        ids, indptr, cells = state.get("seq_ids"), state.get("seq_indptr"), state.get("seq_cells")
+        if ids is None or indptr is None or cells is None or ids.ndim != 1 or indptr.shape != (len(ids) + 1,):
+            return "seq_ids [S], seq_indptr [S + 1] and seq_cells [nnz] are needed"
+        if len(ids) > self.max_sequences or len(np.unique(ids)) != len(ids):
+            return "too many or repeated sequence ids"
+        if indptr[0] != 0 or indptr[-1] != len(cells) or (np.diff(indptr) <= 0).any():
+            return "seq_indptr must rise from 0 to len(seq_cells), every sequence holding a cell"
+        if len(cells) and (cells.min() < 0 or cells.max() >= self.capacity):
+            return "seq_cells outside [0, capacity)"
+        counts = np.bincount(cells.astype(np.int64), minlength=self.capacity)
+        if not np.array_equal(counts, state["refs"]):
+            return "refs do not count the sequences owning each cell"
+        if not np.array_equal(state["refs"] == 0, state["positions"] == FREE_CELL):
+            return "free cells and FREE_CELL positions disagree"
+        for i in range(len(ids)):
+            pos = state["positions"][cells[indptr[i] : indptr[i + 1]]]
+            if (np.diff(pos) <= 0).any():
+                return f"sequence {int(ids[i])}'s cells are not in increasing position order"
+        return ""
+
+    def check(self) -> None:
+        """Assert the invariants (for tests): refs count the owners, no cell leaks, tables are sorted."""
+        why = self.check_state(self.export())
+        assert not why, why
+        assert self.used == int(np.count_nonzero(self.refs)), "used count drifted"
+        assert not self.refs[: self._lowest_free].__eq__(0).any(), "free cell below the lowest-free hint"
+        assert not self.refs[self._top :].any(), "used cell above the top"

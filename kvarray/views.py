@@ -1,0 +1,247 @@
+"""The forward plan and what models read: pool view, gathered view, page table, and their biases.
+
+`CausalCache.start_forward` returns a `ForwardPlan`; `CausalCache.get` wraps its metadata with the pool
+arrays into a `PoolView`, a `GatheredView` or a `PageTable`. Everything here is host bookkeeping (NumPy);
+the metadata is built lazily, once per plan, and is shared by every layer.
+
+Shapes: T tokens in the batch, S sequences in it, n_kv the pool view's length, L the longest sequence
+of the batch (cells), H kv heads, D head_dim, g values per int8 group. Biases are float32, 0 where a
+token may attend and -inf where it may not; the rule is in `docs/causal.md`:
+    token at position p of sequence s sees cell c  iff  s owns c, pos(c) <= p, and
+    (no window, or pos(c) > p - window, or c is one of the first `sinks` cells of s's cell table).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from .cells import Cells
+from .errors import ConfigError, StalePlan
+
+NEG_INF = np.float32(-np.inf)
+
+
+class View(str, enum.Enum):
+    """What `get(layer, view)` returns: the pool view, the gathered view, or the page table."""
+
+    POOL = "pool"
+    GATHERED = "gathered"
+    PAGES = "pages"
+
+    @classmethod
+    def parse(cls, view: View | str) -> View:
+        """The `View` named by `view`; raises `ConfigError` for an unknown name."""
+        try:
+            return cls(view)
+        except ValueError:
+            names = ", ".join(repr(v.value) for v in cls)
+            raise ConfigError(f"unknown view {view!r}; expected one of {names}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PageTable:
+    """The batch's cell tables in CSR form: FlashInfer's paged-KV convention with page size 1.
+
+    Attributes:
+        kv_indptr: ``[S + 1]`` int32; sequence s (``plan.sequences[s]``) owns
+            ``kv_indices[kv_indptr[s]:kv_indptr[s + 1]]``.
+        kv_indices: ``[kv_indptr[S]]`` int32 cells (pool rows), each sequence's in position order.
+        kv_last_page_len: ``[S]`` int32, all 1 (a page is one cell; every sequence of a batch holds one).
+    """
+
+    kv_indptr: Any
+    kv_indices: Any
+    kv_last_page_len: Any
+
+    @property
+    def page_size(self) -> int:
+        """Cells per page: 1."""
+        return 1
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """The pool view of one layer: zero-copy slices of the pools plus the bias (read after `put`).
+
+    Attributes:
+        keys, values: ``[n_kv, H, D]`` (NHD) slices of the layer's pools, in their storage dtype.
+        key_scales, value_scales: ``[n_kv, H * D // g]`` float16 for an int8 pool, else None.
+        bias: ``[T, n_kv]`` float32, 0 or -inf; this pass's tokens are already in the pool.
+    """
+
+    keys: Any
+    values: Any
+    key_scales: Any | None
+    value_scales: Any | None
+    bias: Any
+
+
+@dataclass(frozen=True, slots=True)
+class GatheredView:
+    """The gathered view of one layer: each sequence's cells copied (dequantized) into staging buffers.
+
+    Attributes:
+        keys, values: ``[S, H, L, D]`` (HND), float16 for a float16 pool, else float32 (an int8 pool is
+            dequantized to the spec's dtype); rows past a sequence's length are 0. The buffers are the
+            layer's staging buffers: valid until the next gathered `get` of the same layer.
+        lengths: ``[S]`` int32 cells of each sequence.
+        bias: ``[T, L]`` float32: token t over the gathered row of its own sequence.
+    """
+
+    keys: Any
+    values: Any
+    lengths: Any
+    bias: Any
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """One forward pass: where each token goes, and the metadata of the views (built lazily, once).
+
+    Attributes:
+        seq_ids: ``[T]`` int64 sequence of each token, as given.
+        positions: ``[T]`` int64 position of each token, as given.
+        slot_mapping: ``[T]`` int32 the cell each token is written to by `put`.
+        sequences: ``[S]`` int64 the batch's sequences in order of first appearance.
+        token_seq: ``[T]`` int32 index into `sequences` of each token.
+        n_kv: the pool view's length (a multiple of 32, at most the capacity).
+        window, sinks: the cache's window (None: none) and sink count.
+
+    Lazily built attributes (host NumPy; read-only): `page_table`, `bias`, `bias_before_put`,
+    `gathered_lengths`, `gathered_bias`, `logits_index`, `cell_positions`. Reading one after the cache
+    moved on (the next `start_forward`, or `remove`, `copy_prefix`, `shift`, `defrag`, `load_state_dict`)
+    raises `StalePlan`.
+    """
+
+    seq_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    sequences: np.ndarray
+    token_seq: np.ndarray
+    n_kv: int
+    window: int | None
+    sinks: int
+    _cells: Cells = field(repr=False, compare=False)
+    _generation: int = field(repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the batch's tokens."""
+        return len(self.slot_mapping)
+
+    @property
+    def num_sequences(self) -> int:
+        """S, the batch's sequences."""
+        return len(self.sequences)
+
+    def is_current(self) -> bool:
+        """True while the cache's bookkeeping is the one this plan was made for."""
+        return self._cells.generation == self._generation
+
+    def check_current(self) -> None:
+        """Raise `StalePlan` unless `is_current()`."""
+        if not self.is_current():
+            raise StalePlan("this forward plan is stale: the cache changed since its start_forward")
+
+    @cached_property
+    def page_table(self) -> PageTable:
+        """The batch's cell tables, `PageTable` (host arrays)."""
+        self.check_current()
+        tables = [self._cells.tables[s] for s in self.sequences.tolist()]
+        lengths = np.fromiter((t.n for t in tables), np.int64, len(tables))
+        indptr = np.zeros(len(tables) + 1, np.int32)
+        np.cumsum(lengths, out=indptr[1:])
+        indices = np.concatenate([t.view() for t in tables]) if tables else np.empty(0, np.int32)
+        return PageTable(_frozen(indptr), _frozen(indices), _frozen(np.ones(len(tables), np.int32)))
+
+    @cached_property
+    def gathered_lengths(self) -> np.ndarray:
+        """``[S]`` int32 cells of each sequence of the batch (the gathered view's lengths)."""
+        return _frozen(np.diff(self.page_table.kv_indptr).astype(np.int32))
+
+    @cached_property
+    def logits_index(self) -> np.ndarray:
+        """``[S]`` int64 the batch index of each sequence's last token (the rows whose logits are wanted)."""
+        last = np.zeros(self.num_sequences, np.int64)
+        np.maximum.at(last, self.token_seq, np.arange(self.num_tokens, dtype=np.int64))
+        return _frozen(last)
+
+    @cached_property
+    def cell_positions(self) -> np.ndarray:
+        """``[n_kv]`` int64 the position each cell of the pool view holds (`FREE_CELL` when free)."""
+        self.check_current()
+        return _frozen(self._cells.positions[: self.n_kv].copy())
+
+    @cached_property
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (token t, entry j of its sequence's cell table) the token may see: ``(t, j, cell)``."""
+        pages = self.page_table
+        self.check_current()
+        indptr = pages.kv_indptr.astype(np.int64)
+        lens = np.diff(indptr)[self.token_seq]
+        rows = np.repeat(np.arange(self.num_tokens, dtype=np.int64), lens)
+        first = np.repeat(np.cumsum(lens) - lens, lens)
+        rank = np.arange(len(rows), dtype=np.int64) - first
+        cells = pages.kv_indices[np.repeat(indptr[self.token_seq], lens) + rank]
+        cell_pos = self._cells.positions[cells]
+        token_pos = self.positions[rows]
+        visible = cell_pos <= token_pos
+        if self.window is not None:
+            visible &= (cell_pos > token_pos - self.window) | (rank < self.sinks)
+        return rows[visible], rank[visible], cells[visible]
+
+    @cached_property
+    def bias(self) -> np.ndarray:
+        """``[T, n_kv]`` float32 pool-view bias, read after `put` (this pass's cells hold its tokens)."""
+        rows, _, cells = self._pairs
+        bias = np.full((self.num_tokens, self.n_kv), NEG_INF, np.float32)
+        bias[rows, cells] = 0.0
+        return _frozen(bias)
+
+    @cached_property
+    def bias_before_put(self) -> np.ndarray:
+        """``[T, n_kv + T]`` float32: the past block (cells as they were before this pass: the cells this
+        pass writes, fresh or a ring cell being overwritten, are masked) then this pass's tokens (causal
+        within each sequence, window and sinks applied). For graphs that read the pool before `put`."""
+        n_kv, count = self.n_kv, self.num_tokens
+        out = np.full((count, n_kv + count), NEG_INF, np.float32)
+        out[:, :n_kv] = self.bias
+        out[:, self.slot_mapping] = NEG_INF
+        # this pass's block: token t sees token u of its sequence at an earlier or equal position
+        same = self.token_seq[:, None] == self.token_seq[None, :]
+        p_t, p_u = self.positions[:, None], self.positions[None, :]
+        visible = same & (p_u <= p_t)
+        if self.window is not None:
+            visible &= (p_u > p_t - self.window) | self._new_token_is_sink()[None, :]
+        out[:, n_kv:][visible] = 0.0
+        return _frozen(out)
+
+    def _new_token_is_sink(self) -> np.ndarray:
+        """``[T]`` bool: the token's cell is among the first `sinks` of its sequence's table."""
+        lengths = self.gathered_lengths.astype(np.int64)
+        counts = np.bincount(self.token_seq, minlength=self.num_sequences)
+        order = np.argsort(self.token_seq, kind="stable")
+        rank = np.empty(self.num_tokens, np.int64)
+        starts = np.cumsum(counts) - counts
+        rank[order] = np.arange(self.num_tokens) - np.repeat(starts, counts)
+        rank += (lengths - counts)[self.token_seq]
+        return rank < self.sinks
+
+    @cached_property
+    def gathered_bias(self) -> np.ndarray:
+        """``[T, L]`` float32 bias of each token over its own sequence's gathered row."""
+        rows, rank, _ = self._pairs
+        width = int(self.gathered_lengths.max(initial=0))
+        bias = np.full((self.num_tokens, width), NEG_INF, np.float32)
+        bias[rows, rank] = 0.0
+        return _frozen(bias)
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr
