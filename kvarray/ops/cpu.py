@@ -1,5 +1,234 @@
-"""Placeholder: the Numba CPU kernels replace this re-export of the NumPy reference."""
+"""Numba CPU kernels: the host fast path of every kernel in `kvarray.ops` (same names and signatures as
+`kvarray.ops.reference`; bit-identical results, except `rope_shift`'s sin/cos, see docs/kernels.md).
 
-from .reference import dequantize_int8, gather_rows, move_rows, quantize_int8, rope_shift, scatter_rows
+The functions here are thin: they view the arrays as the kernels in `kvarray.ops.cpu_njit` want them (2-D
+rows; float16 as its uint16 bit pattern; raw row bytes and addresses for copies), compute derived values
+(group size, RoPE frequencies and pairing, int64 indices, the move strategy, whether to stream) and call
+one ``@njit`` kernel. Inputs are assumed valid (the public wrappers in `kvarray.ops` check them).
+Shapes: N pool rows (cells), H kv heads, D head_dim, T rows, S sequences, L padded length, C = H * D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numba
+import numpy as np
+
+from ..spec import RopeSpec, RopeStyle
+from .cpu_njit import (
+    MOVE_PIECE_BYTES,
+    ROPE_GPTJ,
+    ROPE_NEOX,
+    STREAM_BYTES,
+    copy_blocks,
+    copy_runs_in_order,
+    dequantize_rows,
+    gather_copy,
+    gather_dequantize,
+    quantize_rows,
+    rope_float,
+    rope_int8,
+    scatter_convert,
+    scatter_copy,
+)
 
 __all__ = ["dequantize_int8", "gather_rows", "move_rows", "quantize_int8", "rope_shift", "scatter_rows"]
+
+#: Calls moving at least this many bytes hand work items out dynamically (see `_schedule`).
+DYNAMIC_BYTES = 1 << 20
+
+
+def _schedule(nbytes: int) -> AbstractContextManager[Any]:
+    """Large calls run their kernel with work items handed out one at a time (``numba.parallel_chunksize(1)``)
+    instead of one static slice per thread, so a thread the OS pauses (a busy machine) does not hold up the
+    others; work items are blocks (64 rows, 64 positions, 64 KiB), so this costs nothing measurable. Small
+    calls skip the few microseconds the switch costs."""
+    return numba.parallel_chunksize(1) if nbytes >= DYNAMIC_BYTES else nullcontext()
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """`a` as the kernels see it: float16 as its uint16 bit pattern, other dtypes unchanged."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _row_bytes(a: np.ndarray, rows: int) -> np.ndarray:
+    """A C-contiguous array as ``[rows, B]`` uint8: the raw bytes of each row."""
+    return a.reshape(rows, -1).view(np.uint8)
+
+
+def _index(x: np.ndarray) -> np.ndarray:
+    """Indices as int64 (one kernel specialization for int32 and int64 callers; a no-op for int64)."""
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def scatter_rows(
+    pool: np.ndarray, rows: np.ndarray, cells: np.ndarray, scales: np.ndarray | None = None
+) -> None:
+    """Write ``rows [T, H, D]`` into ``pool[cells[t]]`` (``pool [N, H, D]``); quantize when the pool is int8.
+
+    `cells` ``[T]`` distinct in ``[0, N)``; an int8 pool's ``scales [N, H * D // g]`` float16 get each written
+    cell's scales. Float rows of another float dtype are rounded to the pool's dtype.
+    """
+    n_rows = rows.shape[0]
+    if n_rows == 0:
+        return
+    cells64 = _index(cells)
+    with _schedule(rows.nbytes):
+        if scales is not None:
+            flat = pool.reshape(pool.shape[0], -1)
+            quantize_rows(_bits(rows).reshape(n_rows, -1), cells64, flat, _bits(scales))
+        elif rows.dtype == pool.dtype:
+            stream = rows.nbytes >= STREAM_BYTES
+            scatter_copy(_row_bytes(pool, pool.shape[0]), _row_bytes(rows, n_rows), cells64, stream)
+        else:
+            flat = _bits(pool).reshape(pool.shape[0], -1)
+            scatter_convert(flat, _bits(rows).reshape(n_rows, -1), cells64)
+
+
+def gather_rows(
+    pool: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    out: np.ndarray,
+    scales: np.ndarray | None = None,
+) -> None:
+    """Copy each sequence's cells into a padded ``out [S, H, L, D]`` (HND), dequantizing an int8 pool.
+
+    ``pool [N, H, D]``; page table ``indptr [S + 1]``, ``indices [indptr[S]]``;
+    ``out[s, :, j] = pool[indices[indptr[s] + j]]`` for j below the sequence's length, 0 after.
+    """
+    n_seq, heads, length, dim = out.shape
+    if out.size == 0:
+        return
+    indptr64, indices64 = _index(indptr), _index(indices)
+    size = dim * out.itemsize
+    with _schedule(out.nbytes):
+        if scales is not None:
+            flat = pool.reshape(pool.shape[0], -1)
+            gather_dequantize(flat, _bits(scales), indptr64, indices64, _bits(out))
+        else:
+            gather_copy(
+                _row_bytes(pool, pool.shape[0]).reshape(pool.shape[0], heads, size),
+                indptr64,
+                indices64,
+                _row_bytes(out, n_seq).reshape(n_seq, heads, length, size),
+                out.nbytes >= STREAM_BYTES,
+            )
+
+
+def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
+    """Quantize ``x [R, ...]`` float16/float32 into ``q`` (x's shape, int8) and ``scales [R, C // g]``."""
+    n_rows = x.shape[0]
+    if n_rows == 0 or x.size == 0:
+        return
+    with _schedule(x.nbytes):
+        cells = np.arange(n_rows, dtype=np.int64)
+        quantize_rows(_bits(x).reshape(n_rows, -1), cells, q.reshape(n_rows, -1), _bits(scales))
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """Dequantize ``q [R, ...]`` int8 with ``scales [R, C // g]`` float16 into ``out`` (q's shape, float)."""
+    n_rows = q.shape[0]
+    if n_rows == 0 or q.size == 0:
+        return
+    with _schedule(out.nbytes):
+        dequantize_rows(q.reshape(n_rows, -1), _bits(scales), _bits(out).reshape(n_rows, -1))
+
+
+def rope_shift(
+    pool: np.ndarray, cells: np.ndarray, deltas: np.ndarray, rope: RopeSpec, scales: np.ndarray | None = None
+) -> None:
+    """Rotate the keys ``pool[cells[t]]`` (``pool [N, H, D]``) by ``deltas[t]`` positions of RoPE, in place.
+
+    `cells` ``[T]`` distinct, `deltas` ``[T]`` integers; an int8 pool comes with ``scales [N, H * D // g]``
+    (dequantized, rotated in float64, re-quantized). Angles and rotation in float64, as the reference.
+    """
+    if len(cells) == 0:
+        return
+    inv_freq = np.ascontiguousarray(rope.inv_freq(pool.shape[2]), dtype=np.float64)
+    style = ROPE_NEOX if rope.style is RopeStyle.NEOX else ROPE_GPTJ
+    cells64, deltas64 = _index(cells), _index(deltas)
+    with _schedule(len(cells) * pool[0].nbytes):
+        if scales is None:
+            rope_float(_bits(pool), cells64, deltas64, inv_freq, style)
+        else:
+            rope_int8(pool, _bits(scales), cells64, deltas64, inv_freq, style)
+
+
+def move_rows(pools: Sequence[np.ndarray], src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> None:
+    """Move runs of rows in every pool: rows ``[src[m], src[m] + length[m])`` go to ``[dst[m], ...)``.
+
+    Every pool is ``[N, ...]`` (any trailing shape and dtype, the same N, C-contiguous); `src`, `dst`,
+    `length` are ``[M]``. All runs act at once (each destination receives its source's value from before the
+    call); destination runs are pairwise disjoint. Strategy, picked here from the plan:
+
+    * no source row is a destination row: every run is copied directly, all (pool, piece) pairs in parallel;
+    * a downward compaction (every ``dst <= src``): runs by ascending dst, copied front to back, pools in
+      parallel; no row is read after it is written, so no scratch is needed;
+    * otherwise: the runs whose source meets a destination are staged through a scratch buffer first, then
+      the staged runs are written back and the others copied directly.
+
+    Identical pools passed twice are moved once.
+    """
+    live = np.asarray(length) > 0
+    if not pools or not live.any():
+        return
+    n_rows = pools[0].shape[0]
+    arrays = list({(p.ctypes.data, p.nbytes): p for p in pools if p.nbytes}.values())
+    if not arrays:
+        return
+    base = np.array([p.ctypes.data for p in arrays], dtype=np.uint64)
+    row_bytes = np.array([p.nbytes // n_rows for p in arrays], dtype=np.int64)
+    rows = np.full(len(arrays), n_rows, dtype=np.int64)
+    src, dst, count = _index(src)[live], _index(dst)[live], _index(length)[live]
+    order = np.argsort(dst, kind="stable")
+    src, dst, count = src[order], dst[order], count[order]
+    staged = _reads_a_destination(src, dst, count)
+    piece = max(1, MOVE_PIECE_BYTES // int(row_bytes.max()))
+    moved = int(count.sum()) * int(row_bytes.sum())  # bytes written, over all pools
+    stream = moved >= STREAM_BYTES
+
+    def copy(frm: np.ndarray, to: np.ndarray, frm_rows: np.ndarray, to_rows: np.ndarray, runs: tuple) -> None:
+        """Copy the runs ``(from_row, to_row, count)`` between the arrays at addresses `frm` and `to`."""
+        from_row, to_row, n = _pieces(runs[0], runs[1], runs[2], piece)
+        copy_blocks(frm, to, row_bytes, frm_rows, to_rows, from_row, to_row, n, stream)
+
+    with _schedule(moved):
+        if not staged.any():
+            copy(base, base, rows, rows, (src, dst, count))
+        elif (dst <= src).all():
+            copy_runs_in_order(base, row_bytes, rows, src, dst, count)
+        else:
+            staged_count = count[staged]
+            staged_at = np.cumsum(staged_count) - staged_count
+            total = int(staged_count.sum())
+            scratch = np.empty(total * int(row_bytes.sum()), dtype=np.uint8)
+            offsets = total * (np.cumsum(row_bytes) - row_bytes)
+            scratch_base = np.uint64(scratch.ctypes.data) + offsets.astype(np.uint64)
+            scratch_rows = np.full(len(arrays), total, dtype=np.int64)
+            copy(base, scratch_base, rows, scratch_rows, (src[staged], staged_at, staged_count))
+            copy(scratch_base, base, scratch_rows, rows, (staged_at, dst[staged], staged_count))
+            direct = ~staged
+            if direct.any():
+                copy(base, base, rows, rows, (src[direct], dst[direct], count[direct]))
+
+
+def _reads_a_destination(src: np.ndarray, dst: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``[M]`` bool: run m's source rows meet some run's destination rows (`dst` ascending, runs disjoint)."""
+    ends = dst + count
+    nxt = np.searchsorted(ends, src, side="right")  # first destination run ending after src[m] begins
+    hit = nxt < len(dst)
+    hit[hit] = dst[nxt[hit]] < (src + count)[hit]
+    return hit
+
+
+def _pieces(src: np.ndarray, dst: np.ndarray, count: np.ndarray, piece: int) -> tuple[np.ndarray, ...]:
+    """Runs ``[M]`` cut into blocks of at most `piece` rows: ``(src_row, dst_row, count)``, each ``[K]``."""
+    n_pieces = (count + piece - 1) // piece
+    run = np.repeat(np.arange(len(count)), n_pieces)
+    first = np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+    offset = (np.arange(int(n_pieces.sum()), dtype=np.int64) - first) * piece
+    return src[run] + offset, dst[run] + offset, np.minimum(count[run] - offset, piece)
