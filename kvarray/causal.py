@@ -8,8 +8,6 @@ See docs/causal.md for the design, the mask rule and examples.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -17,16 +15,11 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from .cells import Cells, DefragPlan, group_batch, round_up
-from .errors import (
-    CacheClosed,
-    ConfigError,
-    DTypeMismatch,
-    IndexOutOfRange,
-    NoForwardPass,
-    ShapeMismatch,
-    SpecMismatch,
-)
+from .batch import group_batch
+from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows
+from .cells import Cells, round_up
+from .cellstate import DefragPlan
+from .errors import CacheClosed, ConfigError, NoForwardPass, SpecMismatch
 from .spec import (
     DEFAULT_GROUP_SIZE,
     SCALE_DTYPE,
@@ -36,12 +29,11 @@ from .spec import (
     check_group_size,
     kv_dtype_pair,
 )
+from .state import STATE_FORMAT, build_state, check_common, config_json, load_state, save_state, write_pools
 from .views import ForwardPlan, GatheredView, PageTable, PoolView, View
-from .xp import default_namespace, from_dlpack, to_numpy
+from .xp import default_namespace, to_numpy
 
-#: Version of the `state_dict` / file layout.
-STATE_FORMAT = 1
-_CONFIG_KEY = "meta.config"
+__all__ = ["STATE_FORMAT", "CacheStats", "CausalCache"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +121,13 @@ class CausalCache:
                 self._pools[which].append(self.xp.zeros(shape, dtype=name))
                 scales = self.xp.zeros(scale_shape, dtype=SCALE_DTYPE) if name == "int8" else None
                 self._scales[which].append(scales)
+        self._kernels = ops.backend_for(self._pools[0][0])  # the pools' side never changes
         # this forward pass
         self._plan: ForwardPlan | None = None
-        self._device: dict[str, Any] = {}
-        self._staging: dict[tuple[int, int], Any] = {}
+        self._slots = np.empty(0, np.int64)  # the plan's slot_mapping as the kernels' index dtype
+        self._device = DeviceCopies(self.xp)
+        self._heads: tuple[int, list[tuple[Any, Any, Any, Any]]] = (0, [])  # (n_kv, each layer's slices)
+        self._staging = StagingBuffers(self.xp)
         # counters
         self._defrags = 0
         self._cells_moved = 0
@@ -142,6 +137,11 @@ class CausalCache:
     def capacity(self) -> int:
         """Cells per pool."""
         return self._cells.capacity
+
+    @property
+    def max_sequences(self) -> int:
+        """Live sequences (sequences holding at least one cell) at most."""
+        return self._cells.max_sequences
 
     @property
     def window(self) -> int | None:
@@ -172,14 +172,16 @@ class CausalCache:
         unless both arrays pass.
         """
         plan = self._current_plan()
-        self._check_layer(layer)
+        check_layer(layer, self.spec.num_layers)
         count = plan.num_tokens
         arrays = [self._check_rows("keys", keys, count), self._check_rows("values", values, count)]
         if count == 0:
             return
-        slots = self._on_device("slot_mapping", plan.slot_mapping)
+        # The plan's slot mapping was checked once in start_forward (distinct, in range) and the pools at
+        # construction, so the backend kernel is called directly: no per-layer scan of the indices.
+        slots = self._device.get("slot_mapping", self._slots)
         for which, rows in enumerate(arrays):
-            ops.scatter_rows(self._pools[which][layer], rows, slots, scales=self._scales[which][layer])
+            self._kernels.scatter_rows(self._pools[which][layer], rows, slots, self._scales[which][layer])
 
     def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:
         """What `layer` reads in this pass: every cell the batch's tokens may attend to, their own included.
@@ -193,34 +195,31 @@ class CausalCache:
         Raises `NoForwardPass` / `StalePlan`, `IndexOutOfRange` (layer), `ConfigError` (view).
         """
         plan = self._current_plan()
-        self._check_layer(layer)
-        kind = View.parse(view)
+        check_layer(layer, self.spec.num_layers)
+        kind = View.POOL if view is View.POOL or view == "pool" else View.parse(view)
         if kind is View.POOL:
-            n = plan.n_kv
-            keys, values = (pools[layer][:n] for pools in self._pools)
-            key_scales, value_scales = (_head(s[layer], n) for s in self._scales)
-            return PoolView(keys, values, key_scales, value_scales, self._on_device("bias", plan.bias))
+            return PoolView(*self._pool_slices(plan.n_kv)[layer], self._device.get("bias", plan.bias))
         pages = plan.page_table
         if kind is View.PAGES:
             return PageTable(
-                self._on_device("kv_indptr", pages.kv_indptr),
-                self._on_device("kv_indices", pages.kv_indices),
-                self._on_device("kv_last_page_len", pages.kv_last_page_len),
+                self._device.get("kv_indptr", pages.kv_indptr),
+                self._device.get("kv_indices", pages.kv_indices),
+                self._device.get("kv_last_page_len", pages.kv_last_page_len),
             )
         lengths = plan.gathered_lengths
         width = int(lengths.max(initial=0))
-        indptr = self._on_device("kv_indptr", pages.kv_indptr)
-        indices = self._on_device("kv_indices", pages.kv_indices)
+        indptr = self._device.get("kv_indptr", pages.kv_indptr)
+        indices = self._device.get("kv_indices", pages.kv_indices)
         out = []
         for which in (0, 1):
             pool, scales = self._pools[which][layer], self._scales[which][layer]
             dtype = self.spec.dtype if scales is not None else pool.dtype
             shape = (plan.num_sequences, pool.shape[1], width, pool.shape[2])
-            buf = self._staging_buffer(layer, which, shape, dtype)
+            buf = self._staging.get((layer, which), shape, dtype)
             ops.gather_rows(pool, indptr, indices, buf, scales=scales)
             out.append(buf)
-        bias = self._on_device("gathered_bias", plan.gathered_bias)
-        return GatheredView(out[0], out[1], self._on_device("lengths", lengths), bias)
+        bias = self._device.get("gathered_bias", plan.gathered_bias)
+        return GatheredView(out[0], out[1], self._device.get("lengths", lengths), bias)
 
     # ---- cache management ------------------------------------------------------------------------
     def start_forward(self, seq_ids: Any, positions: Any) -> ForwardPlan:
@@ -249,12 +248,14 @@ class CausalCache:
             slot_mapping = cells.commit_decode(batch, decode)
         else:
             slot_mapping = cells.commit_batch(batch, plans)
+        _check_slots(slot_mapping, cells.capacity)
         slot_mapping.flags.writeable = False
+        self._slots = slot_mapping.astype(np.int64)
         self._plan = ForwardPlan(
             batch.seq_ids, batch.positions, slot_mapping, batch.sequences, batch.token_seq,
             cells.n_kv, cells.window, cells.sinks, cells, cells.generation,
         )
-        self._device = {}
+        self._device.clear()
         return self._plan
 
     def remove(self, seq: int, begin: int = 0, end: int | None = None) -> int:
@@ -305,9 +306,10 @@ class CausalCache:
         plan = self._cells.shift(seq, delta, begin)
         if len(plan.copy_src):
             ones = np.ones(len(plan.copy_src), np.int64)
-            ops.move_rows(self._all_pools(), *(self._to_xp(a) for a in (plan.copy_src, plan.copy_dst, ones)))
+            moves = (self._device.convert(a) for a in (plan.copy_src, plan.copy_dst, ones))
+            ops.move_rows(self._all_pools(), *moves)
         if rope is not None and len(plan.cells):
-            cells, deltas = self._to_xp(plan.cells), self._to_xp(plan.deltas)
+            cells, deltas = self._device.convert(plan.cells), self._device.convert(plan.deltas)
             for layer in range(self.spec.num_layers):
                 ops.rope_shift(self._pools[0][layer], cells, deltas, rope, scales=self._scales[0][layer])
 
@@ -332,6 +334,13 @@ class CausalCache:
             defrags=self._defrags, cells_moved=self._cells_moved,
         )
 
+    def length(self, seq: int) -> int:
+        """Cells in `seq`'s cell table (its tokens, shared ones included; 0 for a sequence holding none),
+        without copying the table."""
+        self._check_open()
+        table = self._cells.tables.get(int(seq))
+        return 0 if table is None else table.n
+
     def cell_table(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
         """`seq`'s cells ``[n]`` int32 and their positions ``[n]`` int64, in position order (copies).
 
@@ -354,11 +363,8 @@ class CausalCache:
         ``layer.{i}.value_scales`` ``[capacity, H * D // g]`` float16.
         """
         self._check_open()
-        state = {_CONFIG_KEY: np.frombuffer(self._config_json().encode(), np.uint8).copy()}
-        state.update({f"cells.{k}": v for k, v in self._cells.export().items()})
-        for name, arr in self._named_pools():
-            state[name] = np.array(to_numpy(arr), copy=True)
-        return state
+        bookkeeping = {f"cells.{k}": v for k, v in self._cells.export().items()}
+        return build_state(self._config_json(), bookkeeping, self._named_pools())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict` bit for bit (sharing, positions, ring order, scales included).
@@ -367,54 +373,30 @@ class CausalCache:
         window, sinks, storage dtypes, group size) or an inconsistent one; the cache is then unchanged.
         """
         self._check_open()
-        config = state.get(_CONFIG_KEY)
-        if config is None:
-            raise SpecMismatch("not a kvarray cache state: meta.config is missing")
-        theirs, ours = bytes(np.asarray(config, np.uint8)).decode(), self._config_json()
-        if json.loads(theirs) != json.loads(ours):
-            raise SpecMismatch(f"the state was made for {theirs}; this cache is {ours}")
+        check_common(state, self._config_json(), "cache", self._named_pools())
         cells_state = {k[len("cells.") :]: to_numpy(v) for k, v in state.items() if k.startswith("cells.")}
         why = self._cells.check_state(cells_state)
         if why:
             raise SpecMismatch(f"inconsistent cache state: {why}")
-        for name, arr in self._named_pools():
-            saved = state.get(name)
-            if saved is None or (tuple(saved.shape), np.dtype(saved.dtype)) != (arr.shape, arr.dtype):
-                raise SpecMismatch(f"{name} is missing or not {np.dtype(arr.dtype)} {tuple(arr.shape)}")
-        for name, arr in self._named_pools():
-            arr[...] = self.xp.asarray(state[name])
+        write_pools(state, self._named_pools(), self.xp)
         self._cells.restore(cells_state)
 
     def save(self, path: str) -> None:
-        """Write `state_dict` to a safetensors file (configuration and version in its metadata strings)."""
-        from safetensors.numpy import save_file
-
-        state = self.state_dict()
-        config = bytes(state.pop(_CONFIG_KEY)).decode()
-        from . import __version__
-
-        save_file(state, str(path), metadata={"kvarray.config": config, "kvarray.version": __version__})
+        """Write `state_dict` to a safetensors file (kind, configuration and version in its metadata)."""
+        save_state(path, self.state_dict(), "causal")
 
     def load(self, path: str) -> None:
         """Restore a file written by `save`. Raises `SpecMismatch` (cache unchanged) for another config."""
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-
         self._check_open()
-        with safe_open(str(path), framework="np") as handle:
-            metadata = handle.metadata() or {}
-        if "kvarray.config" not in metadata:
-            raise SpecMismatch(f"{path} is not a kvarray cache file (no kvarray.config metadata)")
-        state: dict[str, Any] = dict(load_file(str(path)))
-        state[_CONFIG_KEY] = np.frombuffer(metadata["kvarray.config"].encode(), np.uint8)
-        self.load_state_dict(state)
+        self.load_state_dict(load_state(path, "causal"))
 
     def close(self) -> None:
         """Release the pools and staging buffers; any later use raises `CacheClosed`. Idempotent."""
         self._pools = [[], []]
         self._scales = [[], []]
-        self._staging = {}
-        self._device = {}
+        self._staging.clear()
+        self._device.clear()
+        self._heads = (0, [])
         self._plan = None
         self._closed = True
 
@@ -436,40 +418,22 @@ class CausalCache:
         self._plan.check_current()
         return self._plan
 
-    def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.spec.num_layers:
-            raise IndexOutOfRange(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
-
     def _check_rows(self, name: str, arr: Any, count: int) -> Any:
-        rows = from_dlpack(arr, self.xp)
-        want = (count, self.spec.num_kv_heads, self.spec.head_dim)
-        if rows.ndim != 3 or tuple(rows.shape[1:]) != want[1:]:
-            raise ShapeMismatch(f"{name} must be [T, kv_heads, head_dim] = {want}, got {tuple(rows.shape)}")
-        if rows.shape[0] != count:
-            raise ShapeMismatch(f"{name} has {rows.shape[0]} rows; this pass has {count} tokens")
-        if np.dtype(rows.dtype) != np.dtype(self.spec.dtype):
-            raise DTypeMismatch(f"{name} must be {self.spec.dtype} (the spec's dtype), got {rows.dtype}")
-        return self.xp.ascontiguousarray(rows)
+        spec = self.spec
+        dtypes = (np.dtype(spec.dtype),)
+        return check_rows(name, arr, self.xp, count, spec.num_kv_heads, spec.head_dim, dtypes)
 
-    def _to_xp(self, arr: np.ndarray) -> Any:
-        return arr if self.xp is np else self.xp.asarray(arr)
-
-    def _on_device(self, name: str, arr: np.ndarray) -> Any:
-        """`arr` on the cache's side, copied once per plan for CuPy pools."""
-        if self.xp is np:
-            return arr
-        if name not in self._device:
-            self._device[name] = self.xp.asarray(arr)
-        return self._device[name]
-
-    def _staging_buffer(self, layer: int, which: int, shape: tuple[int, int, int, int], dtype: Any) -> Any:
-        """A C-contiguous ``shape`` array over the layer's staging storage, grown (x1.5) when too small."""
-        size = math.prod(shape)
-        buf = self._staging.get((layer, which))
-        if buf is None or buf.size < size or np.dtype(buf.dtype) != np.dtype(dtype):
-            buf = self.xp.empty(max(size, int(1.5 * (0 if buf is None else buf.size))), dtype=dtype)
-            self._staging[(layer, which)] = buf
-        return buf[:size].reshape(shape)
+    def _pool_slices(self, n: int) -> list[tuple[Any, Any, Any, Any]]:
+        """Each layer's ``(keys[:n], values[:n], key_scales[:n], value_scales[:n])`` (views, kept while n_kv
+        stays the same: a decode loop slices the pools once, not once per layer and step)."""
+        if self._heads[0] != n or not self._heads[1]:
+            slices = [
+                (self._pools[0][i][:n], self._pools[1][i][:n], _head(self._scales[0][i], n),
+                 _head(self._scales[1][i], n))
+                for i in range(self.spec.num_layers)
+            ]
+            self._heads = (n, slices)
+        return self._heads[1]
 
     def _all_pools(self) -> list[Any]:
         return [arr for _, arr in self._named_pools()]
@@ -492,7 +456,7 @@ class CausalCache:
     def _defrag(self) -> DefragPlan:
         plan = self._cells.plan_defrag()
         if plan.cells_moved:
-            runs = (self._to_xp(a) for a in (plan.src, plan.dst, plan.length))
+            runs = (self._device.convert(a) for a in (plan.src, plan.dst, plan.length))
             ops.move_rows(self._all_pools(), *runs)
             self._cells.apply_defrag(plan)
             self._defrags += 1
@@ -501,13 +465,21 @@ class CausalCache:
 
     def _config_json(self) -> str:
         s, c = self.spec, self._cells
-        config = {
-            "format": STATE_FORMAT, "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads,
-            "head_dim": s.head_dim, "dtype": s.dtype, "capacity": c.capacity,
-            "max_sequences": c.max_sequences, "window": c.window, "sinks": c.sinks,
-            "kv_dtype": list(self.kv_dtype), "group_size": self.group_size,
-        }
-        return json.dumps(config, sort_keys=True)
+        return config_json({
+            "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+            "dtype": s.dtype, "capacity": c.capacity, "max_sequences": c.max_sequences,
+            "window": c.window, "sinks": c.sinks, "kv_dtype": list(self.kv_dtype),
+            "group_size": self.group_size,
+        })
+
+
+def _check_slots(slot_mapping: np.ndarray, capacity: int) -> None:
+    """Assert what `put` relies on without checking it again per layer: the cells are distinct and in
+    ``[0, capacity)`` (the bookkeeping chose them; a failure is a bug in kvarray)."""
+    if len(slot_mapping):
+        cells = slot_mapping.tolist()
+        assert 0 <= min(cells) and max(cells) < capacity, "slot_mapping outside the pools"
+        assert len(set(cells)) == len(cells), "slot_mapping writes a cell twice"
 
 
 def _head(arr: Any | None, n: int) -> Any | None:

@@ -1,8 +1,9 @@
 """Cell bookkeeping of a causal cache: NumPy integers and plain Python, never K/V data.
 
 A *cell* is one token's row in every pool. This module decides which cells a batch writes (the free list,
-each sequence's cell table, ring windows with sinks, prefix sharing by reference counts), and plans
-defragmentation; `kvarray.causal` joins it with the pools and the kernels.
+each sequence's cell table, ring windows with sinks, prefix sharing by reference counts);
+`kvarray.cellstate` plans defragmentation and exports, restores and checks the state. `kvarray.causal`
+joins the bookkeeping with the pools and the kernels.
 
 State, all on the host:
     positions  ``[capacity]`` int64: the token position a cell holds, `FREE_CELL` when no sequence owns it.
@@ -17,19 +18,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from .batch import Batch, group_batch
 from .errors import (
     CacheFull,
     ConfigError,
     PositionError,
     SequenceExists,
-    ShapeMismatch,
     TooManySequences,
     UnknownSequence,
 )
+
+if TYPE_CHECKING:
+    from .cellstate import DefragPlan
+
+__all__ = [
+    "FREE_CELL", "N_KV_MULTIPLE", "Batch", "Cells", "DecodeStep", "SequenceCells", "group_batch", "round_up",
+]
 
 #: The position of a cell that no sequence owns.
 FREE_CELL = -1
@@ -85,27 +93,11 @@ class SequenceCells:
         self.n = len(kept)
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """A validated batch, grouped by sequence (the part of a plan that does not depend on the cells).
+class DecodeStep(NamedTuple):
+    """A plain decode batch (`Cells.decode_tables`): each sequence's table and its last cell ``[S]`` int64."""
 
-    Attributes:
-        seq_ids: ``[T]`` int64 sequence of each token.
-        positions: ``[T]`` int64 position of each token.
-        sequences: ``[S]`` int64 the batch's sequences in order of first appearance.
-        token_seq: ``[T]`` int32 index into `sequences` of each token.
-        order: ``[T]`` int64 the tokens grouped by sequence (stable), so that sequence k's tokens are
-            ``order[starts[k]:starts[k] + counts[k]]`` in increasing position.
-        starts, counts: ``[S]`` int64 each sequence's slice of `order`.
-    """
-
-    seq_ids: np.ndarray
-    positions: np.ndarray
-    sequences: np.ndarray
-    token_seq: np.ndarray
-    order: np.ndarray
-    starts: np.ndarray
-    counts: np.ndarray
+    tables: list[SequenceCells]
+    last: np.ndarray
 
 
 class _SeqPlan(NamedTuple):
@@ -120,21 +112,6 @@ class _SeqPlan(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class DefragPlan:
-    """Runs of cell moves: rows ``[src[m], src[m] + length[m])`` go to ``[dst[m], ...)``, int64 ``[M]`` each.
-
-    `cells_moved` is ``length.sum()``; `n_kv_before` / `n_kv_after` the pool view length around it.
-    """
-
-    src: np.ndarray
-    dst: np.ndarray
-    length: np.ndarray
-    cells_moved: int
-    n_kv_before: int
-    n_kv_after: int
-
-
-@dataclass(frozen=True, slots=True)
 class ShiftPlan:
     """What `Cells.shift` did: copy ``copy_src[i] -> copy_dst[i]`` (copy-on-write of shared cells) first,
     then rotate keys of ``cells [n]`` by ``deltas [n]`` (int64)."""
@@ -143,52 +120,6 @@ class ShiftPlan:
     copy_dst: np.ndarray
     cells: np.ndarray
     deltas: np.ndarray
-
-
-def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The rows ``[starts[m], starts[m] + lengths[m])`` of every run, concatenated, int64."""
-    lengths = np.asarray(lengths, np.int64)
-    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(np.asarray(starts, np.int64), lengths) + offsets
-
-
-def group_batch(seq_ids: object, positions: object) -> Batch:
-    """Validate the shapes of a batch and group its tokens by sequence (order of first appearance).
-
-    Raises `ShapeMismatch` for arrays that are not 1-D integers of one length, `PositionError` when a
-    sequence's tokens are not consecutive positions in batch order.
-    """
-    ids = np.asarray(seq_ids)
-    pos = np.asarray(positions)
-    if ids.ndim != 1 or pos.ndim != 1 or ids.shape != pos.shape:
-        raise ShapeMismatch(f"seq_ids and positions must be [T] each, got {ids.shape} and {pos.shape}")
-    for name, arr in (("seq_ids", ids), ("positions", pos)):
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise ShapeMismatch(f"{name} must be integers, got {arr.dtype}")
-    ids = ids.astype(np.int64, copy=True)
-    pos = pos.astype(np.int64, copy=True)
-    count = len(ids)
-    if len(set(ids.tolist())) == count:  # one token per sequence (decode): nothing to group
-        arange = np.arange(count, dtype=np.int64)
-        return Batch(ids, pos, ids, arange.astype(np.int32), arange, arange, np.ones(count, np.int64))
-    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    by_first = np.argsort(first, kind="stable")
-    rank = np.empty(len(uniq), np.int32)
-    rank[by_first] = np.arange(len(uniq), dtype=np.int32)
-    token_seq = rank[inverse.reshape(-1)]
-    order = np.argsort(token_seq, kind="stable")
-    counts = np.bincount(token_seq, minlength=len(uniq)).astype(np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    grouped_seq, grouped_pos = token_seq[order], pos[order]
-    same = grouped_seq[1:] == grouped_seq[:-1]
-    bad = np.flatnonzero(same & (grouped_pos[1:] != grouped_pos[:-1] + 1))
-    if bad.size:
-        t = int(order[bad[0] + 1])
-        raise PositionError(
-            f"sequence {int(ids[t])}: token {t} is at position {int(pos[t])}, the previous token of its "
-            f"sequence in the batch is at {int(grouped_pos[bad[0]])}; a sequence's tokens must be consecutive"
-        )
-    return Batch(ids, pos, uniq[by_first], token_seq, order, starts, counts)
 
 
 class Cells:
@@ -329,7 +260,7 @@ class Cells:
                 raise CacheFull(fresh_total, self.free + released)
         return plans
 
-    def decode_tables(self, batch: Batch) -> list[SequenceCells] | None:
+    def decode_tables(self, batch: Batch) -> DecodeStep | None:
         """The tables of a plain decode batch, or None when `batch` needs the general path.
 
         Plain decode: no window, every token the next one of a live sequence, one token per sequence, and
@@ -346,23 +277,27 @@ class Cells:
         last = np.fromiter((t.buf[t.n - 1] for t in found), np.int64, len(found))
         if not np.array_equal(self.positions[last] + 1, batch.positions):
             return None
-        return found
+        return DecodeStep(found, last)
 
-    def commit_decode(self, batch: Batch, found: list[SequenceCells]) -> np.ndarray:
+    def commit_decode(self, batch: Batch, step: DecodeStep) -> np.ndarray:
         """Allocate one cell per sequence of a plain decode batch (`decode_tables`); returns
         ``slot_mapping [T]`` int32. Same choices as `commit_batch`: the cell after each sequence's last
         cell when free (one sequence per cell), else the lowest free cells in batch order."""
-        refs = self.refs
-        after = np.fromiter((t.buf[t.n - 1] for t in found), np.int64, len(found)) + 1
+        refs, found = self.refs, step.tables
+        after = step.last + 1
         ok = after < self.capacity
-        ok[ok] = refs[after[ok]] == 0
-        first = np.zeros(len(after), bool)
-        first[np.unique(after, return_index=True)[1]] = True
-        ok &= first
-        refs[after[ok]] = 1
-        self.used += int(ok.sum())
+        ok &= refs[np.minimum(after, self.capacity - 1)] == 0
+        taken = after[ok]
+        if len(set(taken.tolist())) != len(taken):  # sequences ending on one shared cell: the first wins
+            first = np.zeros(len(after), bool)
+            first[np.unique(after, return_index=True)[1]] = True
+            ok &= first
+            taken = after[ok]
+        refs[taken] = 1
+        self.used += len(taken)
         cells = after
-        cells[~ok] = self._take_lowest(int((~ok).sum()))
+        if len(taken) < len(after):
+            cells[~ok] = self._take_lowest(len(after) - len(taken))
         slot_mapping = cells.astype(np.int32)
         self.positions[slot_mapping] = batch.positions
         for table, cell in zip(found, slot_mapping.tolist(), strict=True):
@@ -579,114 +514,43 @@ class Cells:
         deltas = np.full(len(moved), delta, np.int64)
         return ShiftPlan(shared.astype(np.int64), fresh.astype(np.int64), moved.astype(np.int64), deltas)
 
-    # ---- defragmentation -------------------------------------------------------------------------
+    # ---- defragmentation and state (kvarray.cellstate) -------------------------------------------
     def plan_defrag(self) -> DefragPlan:
-        """Compact used cells to the front, each sequence's cells in position order (a shared prefix goes
-        with the first sequence that holds it; sequences in order of their first cell), merged into runs."""
-        n_kv_before = self.n_kv
-        new_index = np.full(self.capacity, FREE_CELL, np.int64)
-        nxt = 0
-        tables = sorted(self.tables.values(), key=lambda t: int(t.buf[0]))
-        for table in tables:
-            cells = table.view()
-            unplaced = cells[new_index[cells] == FREE_CELL]
-            new_index[unplaced] = np.arange(nxt, nxt + len(unplaced))
-            nxt += len(unplaced)
-        assert nxt == self.used
-        old = np.flatnonzero(new_index != FREE_CELL)
-        new = new_index[old]
-        by_new = np.argsort(new, kind="stable")
-        old, new = old[by_new], new[by_new]
-        moving = old != new
-        old, new = old[moving], new[moving]
-        if old.size == 0:
-            empty = np.empty(0, np.int64)
-            return DefragPlan(empty, empty, empty, 0, n_kv_before, n_kv_before)
-        breaks = np.flatnonzero((np.diff(old) != 1) | (np.diff(new) != 1)) + 1
-        run_starts = np.concatenate(([0], breaks))
-        lengths = np.diff(np.concatenate((run_starts, [len(old)])))
-        return DefragPlan(
-            old[run_starts], new[run_starts], lengths.astype(np.int64), int(len(old)),
-            n_kv_before, min(round_up(self.used), self.capacity),
-        )
+        """The moves that compact used cells to the front, sequences in order (`cellstate.plan_defrag`)."""
+        from . import cellstate
+
+        return cellstate.plan_defrag(self)
 
     def apply_defrag(self, plan: DefragPlan) -> None:
         """Renumber the bookkeeping after the pools moved by `plan` (`plan_defrag`'s, nothing in between)."""
-        if plan.cells_moved == 0:
-            return
-        old = expand_runs(plan.src, plan.length)
-        new = expand_runs(plan.dst, plan.length)
-        remap = np.arange(self.capacity, dtype=np.int64)
-        remap[old] = new
-        positions, refs = self.positions.copy(), self.refs.copy()
-        self.positions[:] = FREE_CELL
-        self.refs[:] = 0
-        used = np.flatnonzero(refs)
-        self.positions[remap[used]] = positions[used]
-        self.refs[remap[used]] = refs[used]
-        for table in self.tables.values():
-            table.buf[: table.n] = remap[table.view()]
-        self._lowest_free = self.used
-        self._top, self._top_exact = self.used, True
-        self.generation += 1
+        from . import cellstate
 
-    # ---- state -------------------------------------------------------------------------------------
+        cellstate.apply_defrag(self, plan)
+
     def export(self) -> dict[str, np.ndarray]:
-        """The bookkeeping as arrays: ``positions [capacity]`` int64, ``refs [capacity]`` int32, ``seq_ids
-        [S]`` int64, ``seq_indptr [S + 1]`` int64 and ``seq_cells [nnz]`` int32 (CSR of the cell tables)."""
-        ids = list(self.tables)
-        lengths = [self.tables[s].n for s in ids]
-        cells = [self.tables[s].view() for s in ids]
-        return {
-            "positions": self.positions.copy(),
-            "refs": self.refs.copy(),
-            "seq_ids": np.asarray(ids, np.int64),
-            "seq_indptr": np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int64),
-            "seq_cells": np.concatenate(cells).astype(np.int32) if cells else np.empty(0, np.int32),
-        }
+        """The bookkeeping as arrays (`cellstate.export`)."""
+        from . import cellstate
+
+        return cellstate.export(self)
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
-        """Replace the bookkeeping with `export`'s arrays. The caller has checked them with `check_state`."""
-        self.positions[:] = state["positions"]
-        self.refs[:] = state["refs"]
-        indptr = state["seq_indptr"]
-        self.tables = {
-            int(s): SequenceCells(state["seq_cells"][indptr[i] : indptr[i + 1]])
-            for i, s in enumerate(state["seq_ids"].tolist())
-        }
-        self.used = int(np.count_nonzero(self.refs))
-        free = np.flatnonzero(self.refs == 0)
-        self._lowest_free = int(free[0]) if free.size else self.capacity
-        self._top_exact = False
-        self._top = self.capacity
-        self.generation += 1
+        """Replace the bookkeeping with `export`'s arrays, checked by `check_state` (`cellstate.restore`)."""
+        from . import cellstate
+
+        cellstate.restore(self, state)
 
     def check_state(self, state: dict[str, np.ndarray]) -> str:
         """Why `state` is not a consistent bookkeeping for these cells, or "" when it is."""
-        want = {"positions": (np.int64, (self.capacity,)), "refs": (np.int32, (self.capacity,))}
-        for name, (dtype, shape) in want.items():
-            arr = state.get(name)
-            if arr is None or arr.dtype != dtype or arr.shape != shape:
-                return f"{name} must be {np.dtype(dtype)} {shape}"
-        ids, indptr, cells = state.get("seq_ids"), state.get("seq_indptr"), state.get("seq_cells")
-        if ids is None or indptr is None or cells is None or ids.ndim != 1 or indptr.shape != (len(ids) + 1,):
-            return "seq_ids [S], seq_indptr [S + 1] and seq_cells [nnz] are needed"
-        if len(ids) > self.max_sequences or len(np.unique(ids)) != len(ids):
-            return "too many or repeated sequence ids"
-        if indptr[0] != 0 or indptr[-1] != len(cells) or (np.diff(indptr) <= 0).any():
-            return "seq_indptr must rise from 0 to len(seq_cells), every sequence holding a cell"
-        if len(cells) and (cells.min() < 0 or cells.max() >= self.capacity):
-            return "seq_cells outside [0, capacity)"
-        counts = np.bincount(cells.astype(np.int64), minlength=self.capacity)
-        if not np.array_equal(counts, state["refs"]):
-            return "refs do not count the sequences owning each cell"
-        if not np.array_equal(state["refs"] == 0, state["positions"] == FREE_CELL):
-            return "free cells and FREE_CELL positions disagree"
-        for i in range(len(ids)):
-            pos = state["positions"][cells[indptr[i] : indptr[i + 1]]]
-            if (np.diff(pos) <= 0).any():
-                return f"sequence {int(ids[i])}'s cells are not in increasing position order"
-        return ""
+        from . import cellstate
+
+        return cellstate.check_state(self, state)
+
+    def reset_hints(self, lowest_free: int, top: int | None) -> None:
+        """After a bulk rewrite of `refs` (defrag, restore): no free cell below `lowest_free`, no used cell
+        at or above `top` (None: unknown, recomputed when asked); bumps `generation`."""
+        self._lowest_free = lowest_free
+        self._top, self._top_exact = (self.capacity, False) if top is None else (top, True)
+        self.generation += 1
 
     def check(self) -> None:
         """Assert the invariants (for tests): refs count the owners, no cell leaks, tables are sorted."""

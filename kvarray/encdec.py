@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from .causal import CacheStats, CausalCache
-from .encoder import CrossPlan, CrossView, EncoderCache, EncoderStats, load_state, save_state
+from .encoder import EncoderCache, EncoderStats
 from .errors import ConfigError, SpecMismatch, UnknownSequence
-from .views import ForwardPlan, GatheredView, PageTable, PoolView, View
+from .state import load_state, save_state
+from .views import CrossPlan, CrossView, ForwardPlan, GatheredView, PageTable, PoolView, View
 
 _SELF, _CROSS = "self.", "cross."
 
@@ -119,7 +120,7 @@ class EncoderDecoderCache:
 
         Raises `UnknownSequence` when neither cache holds `seq`, `PositionError` (range).
         """
-        in_causal, in_encoder = seq in self.causal.sequences(), seq in self.encoder.sequences()
+        in_causal, in_encoder = self.causal.length(seq) > 0, seq in self.encoder.sequences()
         if not in_causal and not in_encoder:
             raise UnknownSequence(f"sequence {seq} is in neither the decoder nor the encoder cache")
         whole = begin == 0 and end is None
@@ -136,13 +137,13 @@ class EncoderDecoderCache:
         `CausalCache.copy_prefix`'s errors; a refused call changes nothing.
         """
         self.encoder.check_fork(src, dst)
-        if length or src in self.causal.sequences():
+        if length or self.causal.length(src):
             self.causal.copy_prefix(src, dst, length)
         self.encoder.fork(src, dst)
 
     def fork(self, src: int, dst: int) -> None:
         """A new beam: `dst` shares all of `src`'s decoder tokens and its encoder entry (`copy_prefix`)."""
-        self.copy_prefix(src, dst, self._decoder_length(src))
+        self.copy_prefix(src, dst, self.causal.length(src))
 
     def reorder(self, beams: Sequence[int], parents: Sequence[int]) -> None:
         """After a beam-search step, beam ``beams[i]`` continues from ``parents[i]``'s decoder prefix.
@@ -172,7 +173,7 @@ class EncoderDecoderCache:
                 self.causal.remove(dst)
                 decoded.discard(dst)
             if op == "copy" and src in decoded:
-                self.causal.copy_prefix(src, dst, self._decoder_length(src))
+                self.causal.copy_prefix(src, dst, self.causal.length(src))
                 decoded.add(dst)
 
     def can_resume(self, seq: int, position: int) -> bool:
@@ -230,11 +231,6 @@ class EncoderDecoderCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- internals -------------------------------------------------------------------------------
-    def _decoder_length(self, seq: int) -> int:
-        """Cells in `seq`'s decoder cell table (0 when it has none)."""
-        return len(self.causal.cell_table(seq)[0]) if seq in self.causal.sequences() else 0
 
 
 def _reorder_ops(pending: dict[int, int], temp: int) -> list[tuple[Any, ...]]:

@@ -4,9 +4,10 @@ Storage: for each storage dtype the modalities use ("float16", "float32", "int8"
 one keys and one values pool ``[capacity, H, D]`` (NHD), plus scales ``[capacity, H * D // g]`` float16
 for int8. A sequence's *entry* is one contiguous extent ``[start, start + M)`` of the pools of its
 modality's dtype, the same rows in every layer, allocated first-fit from a free-extent list (neighbours
-coalesce on free; no defragmentation, no eviction). Bookkeeping (`ExtentList`, `Entry`) never touches
+coalesce on free; no defragmentation, no eviction). The bookkeeping (`kvarray.extents`) never touches
 the pools; the pools are written with `ops.scatter_rows` and read with slices, `ops.dequantize_int8`
-and `ops.gather_rows`. The design, the cross bias and the zero-copy rule are in docs/encoder.md.
+and `ops.gather_rows`; the plan and the views are in `kvarray.views` (`CrossPlan`, `CrossView`). The
+design, the cross bias and the zero-copy rule are in docs/encoder.md.
 
 Shapes: T decoder tokens in a batch, S sequences in it, E distinct entries among them (beams forked from
 one parent share an entry), M the cross view's length (the distinct entries' lengths summed), L the
@@ -15,27 +16,21 @@ longest entry of the batch, H kv heads, D head_dim, g values per int8 group.
 
 from __future__ import annotations
 
-import bisect
 import itertools
-import json
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from . import ops
-from .cells import group_batch
+from .batch import group_batch
+from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows
 from .errors import (
     CacheClosed,
-    CacheFull,
     ConfigError,
-    DTypeMismatch,
     EntryWritten,
-    IndexOutOfRange,
     NoEncoderEntry,
     NoForwardPass,
     SequenceExists,
@@ -46,217 +41,21 @@ from .errors import (
     UnknownModality,
     UnknownSequence,
 )
+from .extents import NO_EXTENT, Entry, EntryInfo, ExtentList, check_entries, place
 from .spec import DEFAULT_GROUP_SIZE, SCALE_DTYPE, KVSpec, check_group_size, row_bytes, storage_dtype
-from .views import NEG_INF, GatheredView, View
-from .xp import default_namespace, from_dlpack, to_numpy
+from .state import STATE_FORMAT, build_state, check_common, config_json, load_state, save_state, write_pools
+from .views import CrossPlan, CrossView, GatheredView, View, frozen
+from .xp import default_namespace, to_numpy
+
+__all__ = [
+    "DEFAULT_MODALITY_DTYPES", "NO_EXTENT", "STATE_FORMAT", "CrossPlan", "CrossView", "EncoderCache",
+    "EncoderStats", "Entry", "EntryInfo", "ExtentList",
+]
 
 #: Storage precision of each modality unless the constructor is told otherwise.
 DEFAULT_MODALITY_DTYPES: Mapping[str, str] = {"text": "float16", "audio": "float16", "image": "int8"}
-#: `ExtentList.first_fit` when no free extent is long enough.
-NO_EXTENT = -1
-#: Version of the `state_dict` / file layout.
-STATE_FORMAT = 1
-_CONFIG_KEY = "meta.config"
 _FLOAT_INPUTS = (np.dtype(np.float16), np.dtype(np.float32))
 _KV = ("keys", "values")
-
-
-# ---- bookkeeping (host, no K/V data) ------------------------------------------------------------------
-class ExtentList:
-    """Free rows of one pool as sorted, coalesced ``[start, length]`` extents; first-fit allocation.
-
-    The representation is canonical (sorted by start, no two extents touching), so allocating and freeing
-    the same extent restores it exactly.
-    """
-
-    __slots__ = ("capacity", "starts", "lengths")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.starts: list[int] = [0]
-        self.lengths: list[int] = [capacity]
-
-    @property
-    def free(self) -> int:
-        """Free rows in all extents."""
-        return sum(self.lengths)
-
-    @property
-    def largest(self) -> int:
-        """The longest free extent (0 when full)."""
-        return max(self.lengths, default=0)
-
-    def first_fit(self, n: int) -> int:
-        """The start of the first free extent holding `n` rows, or `NO_EXTENT`; changes nothing."""
-        return next((s for s, m in zip(self.starts, self.lengths, strict=True) if m >= n), NO_EXTENT)
-
-    def take(self, start: int, n: int) -> None:
-        """Mark ``[start, start + n)`` used; it must lie at the front of a free extent (`first_fit`'s)."""
-        i = bisect.bisect_left(self.starts, start)
-        assert self.starts[i] == start and self.lengths[i] >= n, "take() of rows that are not free"
-        if self.lengths[i] == n:
-            del self.starts[i], self.lengths[i]
-        else:
-            self.starts[i] += n
-            self.lengths[i] -= n
-
-    def release(self, start: int, n: int) -> None:
-        """Mark ``[start, start + n)`` free again, coalescing with the neighbouring free extents."""
-        i = bisect.bisect_left(self.starts, start)
-        joins_prev = i > 0 and self.starts[i - 1] + self.lengths[i - 1] == start
-        joins_next = i < len(self.starts) and start + n == self.starts[i]
-        if joins_prev and joins_next:
-            self.lengths[i - 1] += n + self.lengths[i]
-            del self.starts[i], self.lengths[i]
-        elif joins_prev:
-            self.lengths[i - 1] += n
-        elif joins_next:
-            self.starts[i], self.lengths[i] = start, self.lengths[i] + n
-        else:
-            self.starts.insert(i, start)
-            self.lengths.insert(i, n)
-
-    def reset(self, used: Sequence[tuple[int, int]]) -> None:
-        """Rebuild the free extents as the complement of the disjoint used ``(start, length)`` extents."""
-        self.starts, self.lengths = [], []
-        cursor = 0
-        for start, n in sorted(used):
-            if start > cursor:
-                self.starts.append(cursor)
-                self.lengths.append(start - cursor)
-            cursor = start + n
-        if cursor < self.capacity:
-            self.starts.append(cursor)
-            self.lengths.append(self.capacity - cursor)
-
-
-@dataclass(slots=True)
-class Entry:
-    """One encoder output: rows ``[start, start + length)`` of the `dtype` pools of every layer.
-
-    Attributes:
-        dtype: storage precision of the pools holding it; modality: what it encodes.
-        written: ``[num_layers]`` bool, the layers whose K/V have been put.
-        refs: sequences pointing at it (> 1 after `fork`).
-        serial: unique per entry ever made (staging buffers remember what they hold by serial).
-    """
-
-    dtype: str
-    start: int
-    length: int
-    modality: str
-    written: np.ndarray
-    refs: int
-    serial: int
-
-    @property
-    def complete(self) -> bool:
-        """Every layer written."""
-        return bool(self.written.all())
-
-
-@dataclass(frozen=True, slots=True)
-class EntryInfo:
-    """A read-only description of a sequence's entry (for inspection and tests)."""
-
-    dtype: str
-    start: int
-    length: int
-    modality: str
-    layers_written: tuple[int, ...]
-    refs: int
-
-
-# ---- what models read -----------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class CrossView:
-    """The cross view of one layer: every encoder row the batch's tokens attend to, and the bias.
-
-    Attributes:
-        keys, values: ``[M, H, D]`` (NHD). With `zero_copy`, slices of the layer's pools (storage dtype);
-            otherwise the layer's staging buffers in the spec's dtype (int8 dequantized), valid until the
-            next cross `get` of this layer that has to copy.
-        bias: ``[T, M]`` float32, 0 over the rows of the token's own sequence's entry, -inf elsewhere.
-        offsets: ``[S]`` int32 first row of each sequence's entry in the view; lengths: ``[S]`` int32.
-        zero_copy: the keys/values are the pools' own memory (no copy was made).
-    """
-
-    keys: Any
-    values: Any
-    bias: Any
-    offsets: Any
-    lengths: Any
-    zero_copy: bool
-
-
-@dataclass(frozen=True)
-class CrossPlan:
-    """The encoder side of one forward pass (host NumPy, read-only; the biases are built once, lazily).
-
-    Attributes:
-        seq_ids, positions: ``[T]`` int64 as given; sequences: ``[S]`` int64 in order of first appearance;
-        token_seq: ``[T]`` int32 index into `sequences` of each token.
-        lengths: ``[S]`` int32 entry length of each sequence; seq_entry: ``[S]`` int32 index of its entry
-            among the batch's E distinct entries; offsets: ``[S]`` int32 its first row in the cross view.
-        extents: ``(dtype, start, length, serial)`` of the E distinct entries in view order.
-        zero_copy: one float dtype, and the extents adjacent in view order.
-    """
-
-    seq_ids: np.ndarray
-    positions: np.ndarray
-    sequences: np.ndarray
-    token_seq: np.ndarray
-    lengths: np.ndarray
-    seq_entry: np.ndarray
-    offsets: np.ndarray
-    extents: tuple[tuple[str, int, int, int], ...]
-    zero_copy: bool
-    _owner: EncoderCache = field(repr=False, compare=False)
-    _generation: int = field(repr=False, compare=False)
-
-    @property
-    def num_tokens(self) -> int:
-        """T."""
-        return len(self.seq_ids)
-
-    @property
-    def cross_length(self) -> int:
-        """M, the cross view's rows."""
-        return sum(e[2] for e in self.extents)
-
-    def check_current(self) -> None:
-        """Raise `StalePlan` when the cache changed (`remove`, `load_state_dict`, a later plan) since."""
-        if self._owner._generation != self._generation:
-            raise StalePlan("this cross plan is stale: the encoder cache changed since its start_forward")
-
-    @cached_property
-    def bias(self) -> np.ndarray:
-        """``[T, M]`` float32 cross bias: token t sees its own sequence's entry rows (no causal mask)."""
-        bias = np.full((self.num_tokens, self.cross_length), NEG_INF, np.float32)
-        cols = np.arange(self.cross_length)
-        seq = self.token_seq
-        begin, end = self.offsets[seq, None], (self.offsets + self.lengths)[seq, None]
-        bias[(cols >= begin) & (cols < end)] = 0.0
-        return _frozen(bias)
-
-    @cached_property
-    def runs(self) -> tuple[tuple[str, int, int], ...]:
-        """``(dtype, start, length)`` copies that stage the view: `extents` with neighbours in one pool
-        merged (a batch adjacent but for one sequence stages in two copies)."""
-        runs: list[tuple[str, int, int]] = []
-        for dtype, start, n, _ in self.extents:
-            if runs and runs[-1][0] == dtype and runs[-1][1] + runs[-1][2] == start:
-                runs[-1] = (dtype, runs[-1][1], runs[-1][2] + n)
-            else:
-                runs.append((dtype, start, n))
-        return tuple(runs)
-
-    @cached_property
-    def gathered_bias(self) -> np.ndarray:
-        """``[T, L]`` float32 bias over the gathered view: token t sees its sequence's first lengths rows."""
-        width = int(self.lengths.max(initial=0))
-        bias = np.where(np.arange(width) < self.lengths[self.token_seq, None], np.float32(0), NEG_INF)
-        return _frozen(bias.astype(np.float32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +142,8 @@ class EncoderCache:
                 self._scales[d, which, layer] = self.xp.zeros((n, groups), SCALE_DTYPE)
         # this forward pass
         self._plan: CrossPlan | None = None
-        self._device: dict[str, Any] = {}
-        self._staging: dict[tuple[str, int, int], Any] = {}
-        self._staged: dict[tuple[str, int, int], tuple[int, ...]] = {}  # staging key -> entry serials held
+        self._device = DeviceCopies(self.xp)
+        self._staging = StagingBuffers(self.xp)  # held: staging key -> the entry serials it holds
         self._closed = False
 
     @property
@@ -388,7 +186,7 @@ class EncoderCache:
         `put_sequence`, with ``CacheFull.asked`` the new sequences' rows summed; nothing is written then.
         """
         self._check_open()
-        self._check_layer(layer)
+        check_layer(layer, self.spec.num_layers)
         dtype = self._dtype_of(modality)
         ids = [int(s) for s in np.asarray(seq_ids, np.int64).reshape(-1)]
         lens = [int(n) for n in np.asarray(lengths, np.int64).reshape(-1)]
@@ -416,7 +214,8 @@ class EncoderCache:
         cells = np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in spans])
         for which, rows in enumerate(arrays):
             pool = self._pools[dtype, which, layer]
-            ops.scatter_rows(pool, rows, self._to_xp(cells), scales=self._scales.get((dtype, which, layer)))
+            scales = self._scales.get((dtype, which, layer))
+            ops.scatter_rows(pool, rows, self._device.convert(cells), scales=scales)
         for seq in ids:
             self._entries[self._seq_entry[seq]].written[layer] = True
 
@@ -446,7 +245,7 @@ class EncoderCache:
                 raise StalePlan("this plan was made by another encoder cache")
             plan.check_current()
         self._plan = plan
-        self._device = {}
+        self._device.clear()
         return plan
 
     def make_plan(self, seq_ids: Any, positions: Any) -> CrossPlan:
@@ -469,8 +268,8 @@ class EncoderCache:
         one_float = len({e.dtype for e in entries}) <= 1 and all(e.dtype != "int8" for e in entries)
         return CrossPlan(
             batch.seq_ids, batch.positions, batch.sequences, batch.token_seq,
-            _frozen(np.asarray([self._entries[s].length for s in serials], np.int32)), _frozen(seq_entry),
-            _frozen(starts[seq_entry].astype(np.int32)),
+            frozen(np.asarray([self._entries[s].length for s in serials], np.int32)), frozen(seq_entry),
+            frozen(starts[seq_entry].astype(np.int32)),
             tuple((e.dtype, e.start, e.length, e.serial) for e in entries), adjacent and one_float,
             self, self._generation,
         )
@@ -488,7 +287,7 @@ class EncoderCache:
         Raises `NoForwardPass` / `StalePlan`, `IndexOutOfRange` (layer), `ConfigError` (view).
         """
         plan = self._current_plan()
-        self._check_layer(layer)
+        check_layer(layer, self.spec.num_layers)
         kind = View.parse(view)
         if kind is View.GATHERED:
             return self._gathered(plan, layer)
@@ -501,8 +300,8 @@ class EncoderCache:
         else:
             keys, values = (self._stage(plan, layer, which) for which in (0, 1))
         return CrossView(
-            keys, values, self._on_device("bias", plan.bias), self._on_device("offsets", plan.offsets),
-            self._on_device("lengths", plan.lengths), plan.zero_copy,
+            keys, values, self._device.get("bias", plan.bias), self._device.get("offsets", plan.offsets),
+            self._device.get("lengths", plan.lengths), plan.zero_copy,
         )
 
     # ---- cache management ------------------------------------------------------------------------
@@ -569,7 +368,7 @@ class EncoderCache:
         """Layer `layer`'s pools of storage `dtype`: keys, values ``[capacity, H, D]``, and their scales
         ``[capacity, H * D // g]`` float16 (None unless int8). The cache's own arrays: read only."""
         self._check_open()
-        self._check_layer(layer)
+        check_layer(layer, self.spec.num_layers)
         if dtype not in self.dtypes:
             raise ConfigError(f"no {dtype!r} pools; this cache stores {self.dtypes}")
         keys, values = (self._pools[dtype, w, layer] for w in (0, 1))
@@ -613,41 +412,30 @@ class EncoderCache:
         table = [(self.dtypes.index(e.dtype), e.start, e.length, modalities.index(e.modality))
                  for e in (self._entries[s] for s in order)]
         seqs = sorted(self._seq_entry)
-        state = {
-            _CONFIG_KEY: np.frombuffer(self._config_json().encode(), np.uint8).copy(),
+        bookkeeping: dict[str, np.ndarray] = {
             "entries.table": np.asarray(table, np.int64).reshape(-1, 4),
             "entries.written": np.asarray([self._entries[s].written for s in order], np.uint8).reshape(
                 -1, self.spec.num_layers),
             "entries.seq_ids": np.asarray(seqs, np.int64),
             "entries.seq_entry": np.asarray([row[self._seq_entry[s]] for s in seqs], np.int64),
         }
-        for name, arr in self._named_pools():
-            state[name] = np.array(to_numpy(arr), copy=True)
-        return state
+        return build_state(self._config_json(), bookkeeping, self._named_pools())
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise `SpecMismatch` unless `state` is a consistent `state_dict` of a cache configured as this."""
-        config = state.get(_CONFIG_KEY)
-        if config is None:
-            raise SpecMismatch("not a kvarray encoder cache state: meta.config is missing")
-        theirs, ours = bytes(np.asarray(config, np.uint8)).decode(), self._config_json()
-        if json.loads(theirs) != json.loads(ours):
-            raise SpecMismatch(f"the state was made for {theirs}; this cache is {ours}")
-        why = self._check_entries({k: to_numpy(v) for k, v in state.items() if k.startswith("entries.")})
+        check_common(state, self._config_json(), "encoder cache", self._named_pools())
+        arrays = {k: to_numpy(v) for k, v in state.items() if k.startswith("entries.")}
+        why = check_entries(arrays, self.dtypes, self.modality_dtypes, self.capacity, self.spec.num_layers,
+                            self.max_sequences)
         if why:
             raise SpecMismatch(f"inconsistent encoder cache state: {why}")
-        for name, arr in self._named_pools():
-            saved = state.get(name)
-            if saved is None or (tuple(saved.shape), np.dtype(saved.dtype)) != (tuple(arr.shape), arr.dtype):
-                raise SpecMismatch(f"{name} is missing or not {np.dtype(arr.dtype)} {tuple(arr.shape)}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict` bit for bit. Raises `SpecMismatch` (cache unchanged) for another
         configuration or an inconsistent state. Makes the current plan stale."""
         self._check_open()
         self.check_state(state)
-        for name, arr in self._named_pools():
-            arr[...] = self.xp.asarray(state[name])
+        write_pools(state, self._named_pools(), self.xp)
         table, written = to_numpy(state["entries.table"]), to_numpy(state["entries.written"]).astype(bool)
         modalities = sorted(self.modality_dtypes)
         serials = [next(self._serials) for _ in range(len(table))]
@@ -661,7 +449,7 @@ class EncoderCache:
             self._entries[serial].refs += 1
         for d in self.dtypes:
             self._free[d].reset([(e.start, e.length) for e in self._entries.values() if e.dtype == d])
-        self._staged = {}
+        self._staging.held.clear()
         self._generation += 1
 
     def save(self, path: str) -> None:
@@ -674,7 +462,9 @@ class EncoderCache:
 
     def close(self) -> None:
         """Release the pools and staging buffers; any later use raises `CacheClosed`. Idempotent."""
-        self._pools, self._scales, self._staging, self._staged, self._device = {}, {}, {}, {}, {}
+        self._pools, self._scales = {}, {}
+        self._staging.clear()
+        self._device.clear()
         self._plan = None
         self._closed = True
 
@@ -689,60 +479,21 @@ class EncoderCache:
         """Give each new ``(seq, rows)`` an extent: side by side when one free extent holds them all."""
         if not fresh:
             return
-        free = self._free[dtype]
-        total = sum(n for _, n in fresh)
-        block = free.first_fit(total)
-        taken: list[tuple[int, int]] = []
-        for _, n in fresh:
-            start = block + sum(m for _, m in taken) if block != NO_EXTENT else free.first_fit(n)
-            if start == NO_EXTENT:
-                for a, m in taken:
-                    free.release(a, m)
-                raise CacheFull(total, free.free, f"{dtype} rows (largest free extent {free.largest})")
-            free.take(start, n)
-            taken.append((start, n))
-        for (seq, n), (start, _) in zip(fresh, taken, strict=True):
+        starts = place(self._free[dtype], [n for _, n in fresh], f"{dtype} rows")
+        for (seq, n), start in zip(fresh, starts, strict=True):
             serial = next(self._serials)
             written = np.zeros(self.spec.num_layers, bool)
             self._entries[serial] = Entry(dtype, start, n, modality, written, 1, serial)
             self._seq_entry[seq] = serial
-
-    def _check_entries(self, s: dict[str, np.ndarray]) -> str:
-        """Why the ``entries.*`` arrays are not a consistent bookkeeping, or ""."""
-        table, written, ids, rows = (s.get(f"entries.{k}") for k in ("table", "written", "seq_ids",
-                                                                       "seq_entry"))
-        if table is None or written is None or ids is None or rows is None:
-            return "entries.table, entries.written, entries.seq_ids and entries.seq_entry are needed"
-        n = len(table)
-        if table.shape != (n, 4) or written.shape != (n, self.spec.num_layers) or ids.shape != rows.shape:
-            return "entries arrays of mismatched shapes"
-        if len(ids) > self.max_sequences or len(np.unique(ids)) != len(ids):
-            return "too many or repeated sequence ids"
-        if len(rows) and (rows.min() < 0 or rows.max() >= n) or len(np.unique(rows)) != n:
-            return "every entry needs a sequence, and every sequence an entry"
-        if n and ((table[:, 0] < 0).any() or (table[:, 0] >= len(self.dtypes)).any()
-                  or (table[:, 3] < 0).any() or (table[:, 3] >= len(self.modality_dtypes)).any()):
-            return "dtype or modality index out of range"
-        modalities = sorted(self.modality_dtypes)
-        for d_index, dtype in enumerate(self.dtypes):
-            ext = table[table[:, 0] == d_index][:, 1:3] if n else np.empty((0, 2), np.int64)
-            ext = ext[np.argsort(ext[:, 0])]
-            ends = ext.sum(1)
-            if len(ext) and ((ext[:, 1] <= 0).any() or ext[0, 0] < 0 or (ends > self.capacity[dtype]).any()
-                             or (ext[1:, 0] < ends[:-1]).any()):
-                return f"{dtype} extents out of range or overlapping"
-        if any(self.modality_dtypes[modalities[int(t[3])]] != self.dtypes[int(t[0])] for t in table):
-            return "an entry stored in another precision than its modality's"
-        return ""
 
     # ---- internals: data movement ----------------------------------------------------------------
     def _stage(self, plan: CrossPlan, layer: int, which: int) -> Any:
         """The batch's entries copied (dequantized) side by side into the layer's staging ``[M, H, D]``;
         no copy when the buffer already holds exactly these entries."""
         shape = (plan.cross_length, self.spec.num_kv_heads, self.spec.head_dim)
-        buf = self._staging_buffer(("cross", which, layer), shape, self.spec.dtype)
+        buf = self._staging.get(("cross", which, layer), shape, self.spec.dtype)
         held = tuple(e[3] for e in plan.extents)
-        if self._staged.get(("cross", which, layer)) == held:
+        if self._staging.held.get(("cross", which, layer)) == held:
             return buf
         offset = 0
         for dtype, start, n in plan.runs:
@@ -752,7 +503,7 @@ class EncoderCache:
             else:
                 self.xp.copyto(dst, src)
             offset += n
-        self._staged["cross", which, layer] = held
+        self._staging.held["cross", which, layer] = held
         return buf
 
     def _gathered(self, plan: CrossPlan, layer: int) -> GatheredView:
@@ -764,7 +515,7 @@ class EncoderCache:
         seq_start = np.asarray([plan.extents[e][1] for e in plan.seq_entry], np.int64)
         out = []
         for which in (0, 1):
-            buf = self._staging_buffer(("gathered", which, layer), shape, self.spec.dtype)
+            buf = self._staging.get(("gathered", which, layer), shape, self.spec.dtype)
             for dtype in sorted(set(seq_dtype)):
                 rows = np.asarray([s for s in range(count) if seq_dtype[s] == dtype], np.int64)
                 lengths = plan.lengths[rows].astype(np.int64)
@@ -774,12 +525,13 @@ class EncoderCache:
                 direct = len(rows) == count and (scales is not None or pool.dtype == buf.dtype)
                 part_dtype = buf.dtype if scales is not None else pool.dtype
                 part = buf if direct else self.xp.empty((len(rows), *shape[1:]), part_dtype)
-                ops.gather_rows(pool, self._to_xp(indptr), self._to_xp(indices), part, scales=scales)
+                page_table = (self._device.convert(indptr), self._device.convert(indices))
+                ops.gather_rows(pool, *page_table, part, scales=scales)
                 if not direct:
-                    buf[self._to_xp(rows)] = part
+                    buf[self._device.convert(rows)] = part
             out.append(buf)
-        return GatheredView(out[0], out[1], self._on_device("lengths", plan.lengths),
-                            self._on_device("gathered_bias", plan.gathered_bias))
+        return GatheredView(out[0], out[1], self._device.get("lengths", plan.lengths),
+                            self._device.get("gathered_bias", plan.gathered_bias))
 
     # ---- internals: checks and helpers -----------------------------------------------------------
     def _check_open(self) -> None:
@@ -793,10 +545,6 @@ class EncoderCache:
         self._plan.check_current()
         return self._plan
 
-    def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.spec.num_layers:
-            raise IndexOutOfRange(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
-
     def _dtype_of(self, modality: str) -> str:
         dtype = self.modality_dtypes.get(modality)
         if dtype is None:
@@ -805,34 +553,8 @@ class EncoderCache:
         return dtype
 
     def _check_rows(self, name: str, arr: Any, count: int) -> Any:
-        rows = from_dlpack(arr, self.xp)
-        want = (count, self.spec.num_kv_heads, self.spec.head_dim)
-        if rows.ndim != 3 or tuple(rows.shape) != want:
-            raise ShapeMismatch(f"{name} must be [M, kv_heads, head_dim] = {want}, got {tuple(rows.shape)}")
-        if np.dtype(rows.dtype) not in _FLOAT_INPUTS:
-            raise DTypeMismatch(f"{name} must be float16 or float32, got {rows.dtype}")
-        return self.xp.ascontiguousarray(rows)
-
-    def _to_xp(self, arr: np.ndarray) -> Any:
-        return arr if self.xp is np else self.xp.asarray(arr)
-
-    def _on_device(self, name: str, arr: np.ndarray) -> Any:
-        """`arr` on the cache's side, copied once per plan for CuPy pools."""
-        if self.xp is np:
-            return arr
-        if name not in self._device:
-            self._device[name] = self.xp.asarray(arr)
-        return self._device[name]
-
-    def _staging_buffer(self, key: tuple[str, int, int], shape: tuple[int, ...], dtype: str) -> Any:
-        """A C-contiguous `shape` array over the storage kept under `key`, grown (x1.5) when too small."""
-        size = math.prod(shape)
-        buf = self._staging.get(key)
-        if buf is None or buf.size < size:
-            buf = self.xp.empty(max(size, int(1.5 * (0 if buf is None else buf.size))), dtype=dtype)
-            self._staging[key] = buf
-            self._staged.pop(key, None)
-        return buf[:size].reshape(shape)
+        spec = self.spec
+        return check_rows(name, arr, self.xp, count, spec.num_kv_heads, spec.head_dim, _FLOAT_INPUTS, "M")
 
     def _named_pools(self) -> list[tuple[str, Any]]:
         named = []
@@ -845,44 +567,17 @@ class EncoderCache:
 
     def _config_json(self) -> str:
         s = self.spec
-        config = {
-            "format": STATE_FORMAT, "kind": "encoder", "num_layers": s.num_layers,
-            "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "dtype": s.dtype,
-            "capacity": self.capacity, "max_sequences": self.max_sequences,
-            "modality_dtypes": self.modality_dtypes, "group_size": self.group_size,
-        }
-        return json.dumps(config, sort_keys=True)
+        return config_json({
+            "kind": "encoder", "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim, "dtype": s.dtype, "capacity": self.capacity,
+            "max_sequences": self.max_sequences, "modality_dtypes": self.modality_dtypes,
+            "group_size": self.group_size,
+        })
 
 
 # ---- module helpers -----------------------------------------------------------------------------------
-def save_state(path: str, state: Mapping[str, np.ndarray], kind: str) -> None:
-    """Write a cache's `state_dict` (``meta.config`` uint8 tensors included) to a safetensors file."""
-    from safetensors.numpy import save_file
-
-    from . import __version__
-
-    save_file(dict(state), str(path), metadata={"kvarray.kind": kind, "kvarray.version": __version__})
-
-
-def load_state(path: str, kind: str) -> dict[str, np.ndarray]:
-    """The `state_dict` in a file written by `save_state` for a cache of `kind`; `SpecMismatch` otherwise."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    with safe_open(str(path), framework="np") as handle:
-        found = (handle.metadata() or {}).get("kvarray.kind")
-    if found != kind:
-        raise SpecMismatch(f"{path} is not a kvarray {kind} cache file (kind {found!r})")
-    return dict(load_file(str(path)))
-
-
 def _rows_of(arr: Any) -> int:
     shape = getattr(arr, "shape", None)
     if not shape:
         raise ShapeMismatch("keys must be [M, kv_heads, head_dim]")
     return int(shape[0])
-
-
-def _frozen(arr: np.ndarray) -> np.ndarray:
-    arr.flags.writeable = False
-    return arr

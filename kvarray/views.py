@@ -1,8 +1,10 @@
-"""The forward plan and what models read: pool view, gathered view, page table, and their biases.
+"""The forward plans and what models read: pool view, gathered view, page table, cross view, their biases.
 
 `CausalCache.start_forward` returns a `ForwardPlan`; `CausalCache.get` wraps its metadata with the pool
-arrays into a `PoolView`, a `GatheredView` or a `PageTable`. Everything here is host bookkeeping (NumPy);
-the metadata is built lazily, once per plan, and is shared by every layer.
+arrays into a `PoolView`, a `GatheredView` or a `PageTable`. `EncoderCache.start_forward` returns a
+`CrossPlan`; its `get` returns a `CrossView` (or a `GatheredView`); their shapes are named in
+`kvarray.encoder`. Everything here is host bookkeeping (NumPy); the metadata is built lazily, once per
+plan, and is shared by every layer.
 
 Shapes: T tokens in the batch, S sequences in it, n_kv the pool view's length, L the longest sequence
 of the batch (cells), H kv heads, D head_dim, g values per int8 group. Biases are float32, 0 where a
@@ -16,12 +18,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cells import Cells
 from .errors import ConfigError, StalePlan
+
+if TYPE_CHECKING:
+    from .encoder import EncoderCache
 
 NEG_INF = np.float32(-np.inf)
 
@@ -157,25 +162,25 @@ class ForwardPlan:
         indptr = np.zeros(len(tables) + 1, np.int32)
         np.cumsum(lengths, out=indptr[1:])
         indices = np.concatenate([t.view() for t in tables]) if tables else np.empty(0, np.int32)
-        return PageTable(_frozen(indptr), _frozen(indices), _frozen(np.ones(len(tables), np.int32)))
+        return PageTable(frozen(indptr), frozen(indices), frozen(np.ones(len(tables), np.int32)))
 
     @cached_property
     def gathered_lengths(self) -> np.ndarray:
         """``[S]`` int32 cells of each sequence of the batch (the gathered view's lengths)."""
-        return _frozen(np.diff(self.page_table.kv_indptr).astype(np.int32))
+        return frozen(np.diff(self.page_table.kv_indptr).astype(np.int32))
 
     @cached_property
     def logits_index(self) -> np.ndarray:
         """``[S]`` int64 the batch index of each sequence's last token (the rows whose logits are wanted)."""
         last = np.zeros(self.num_sequences, np.int64)
         np.maximum.at(last, self.token_seq, np.arange(self.num_tokens, dtype=np.int64))
-        return _frozen(last)
+        return frozen(last)
 
     @cached_property
     def cell_positions(self) -> np.ndarray:
         """``[n_kv]`` int64 the position each cell of the pool view holds (`FREE_CELL` when free)."""
         self.check_current()
-        return _frozen(self._cells.positions[: self.n_kv].copy())
+        return frozen(self._cells.positions[: self.n_kv].copy())
 
     @cached_property
     def _pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -183,6 +188,13 @@ class ForwardPlan:
         pages = self.page_table
         self.check_current()
         indptr = pages.kv_indptr.astype(np.int64)
+        if self.window is None and self.num_tokens == self.num_sequences:
+            # one token per sequence (so token t is sequence t), the newest of its sequence: it sees every
+            # cell of its table
+            lens = np.diff(indptr)
+            rows = np.repeat(np.arange(self.num_tokens, dtype=np.int64), lens)
+            rank = np.arange(len(rows), dtype=np.int64) - np.repeat(indptr[:-1], lens)
+            return rows, rank, pages.kv_indices.astype(np.int64)
         lens = np.diff(indptr)[self.token_seq]
         rows = np.repeat(np.arange(self.num_tokens, dtype=np.int64), lens)
         first = np.repeat(np.cumsum(lens) - lens, lens)
@@ -200,8 +212,8 @@ class ForwardPlan:
         """``[T, n_kv]`` float32 pool-view bias, read after `put` (this pass's cells hold its tokens)."""
         rows, _, cells = self._pairs
         bias = np.full((self.num_tokens, self.n_kv), NEG_INF, np.float32)
-        bias[rows, cells] = 0.0
-        return _frozen(bias)
+        bias.reshape(-1)[rows * self.n_kv + cells] = 0.0  # only the visible entries are written
+        return frozen(bias)
 
     @cached_property
     def bias_before_put(self) -> np.ndarray:
@@ -219,7 +231,7 @@ class ForwardPlan:
         if self.window is not None:
             visible &= (p_u > p_t - self.window) | self._new_token_is_sink()[None, :]
         out[:, n_kv:][visible] = 0.0
-        return _frozen(out)
+        return frozen(out)
 
     def _new_token_is_sink(self) -> np.ndarray:
         """``[T]`` bool: the token's cell is among the first `sinks` of its sequence's table."""
@@ -239,9 +251,101 @@ class ForwardPlan:
         width = int(self.gathered_lengths.max(initial=0))
         bias = np.full((self.num_tokens, width), NEG_INF, np.float32)
         bias[rows, rank] = 0.0
-        return _frozen(bias)
+        return frozen(bias)
 
 
-def _frozen(arr: np.ndarray) -> np.ndarray:
+# ---- the encoder cache's cross view (kvarray.encoder) ---------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CrossView:
+    """The cross view of one layer: every encoder row the batch's tokens attend to, and the bias.
+
+    Attributes:
+        keys, values: ``[M, H, D]`` (NHD). With `zero_copy`, slices of the layer's pools (storage dtype);
+            otherwise the layer's staging buffers in the spec's dtype (int8 dequantized), valid until the
+            next cross `get` of this layer that has to copy.
+        bias: ``[T, M]`` float32, 0 over the rows of the token's own sequence's entry, -inf elsewhere.
+        offsets: ``[S]`` int32 first row of each sequence's entry in the view; lengths: ``[S]`` int32.
+        zero_copy: the keys/values are the pools' own memory (no copy was made).
+    """
+
+    keys: Any
+    values: Any
+    bias: Any
+    offsets: Any
+    lengths: Any
+    zero_copy: bool
+
+
+@dataclass(frozen=True)
+class CrossPlan:
+    """The encoder side of one forward pass (host NumPy, read-only; the biases are built once, lazily).
+
+    Attributes:
+        seq_ids, positions: ``[T]`` int64 as given; sequences: ``[S]`` int64 in order of first appearance;
+        token_seq: ``[T]`` int32 index into `sequences` of each token.
+        lengths: ``[S]`` int32 entry length of each sequence; seq_entry: ``[S]`` int32 index of its entry
+            among the batch's E distinct entries; offsets: ``[S]`` int32 its first row in the cross view.
+        extents: ``(dtype, start, length, serial)`` of the E distinct entries in view order.
+        zero_copy: one float dtype, and the extents adjacent in view order.
+    """
+
+    seq_ids: np.ndarray
+    positions: np.ndarray
+    sequences: np.ndarray
+    token_seq: np.ndarray
+    lengths: np.ndarray
+    seq_entry: np.ndarray
+    offsets: np.ndarray
+    extents: tuple[tuple[str, int, int, int], ...]
+    zero_copy: bool
+    _owner: EncoderCache = field(repr=False, compare=False)
+    _generation: int = field(repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """T."""
+        return len(self.seq_ids)
+
+    @property
+    def cross_length(self) -> int:
+        """M, the cross view's rows."""
+        return sum(e[2] for e in self.extents)
+
+    def check_current(self) -> None:
+        """Raise `StalePlan` when the cache changed (`remove`, `load_state_dict`, a later plan) since."""
+        if self._owner._generation != self._generation:
+            raise StalePlan("this cross plan is stale: the encoder cache changed since its start_forward")
+
+    @cached_property
+    def bias(self) -> np.ndarray:
+        """``[T, M]`` float32 cross bias: token t sees its own sequence's entry rows (no causal mask)."""
+        bias = np.full((self.num_tokens, self.cross_length), NEG_INF, np.float32)
+        cols = np.arange(self.cross_length)
+        seq = self.token_seq
+        begin, end = self.offsets[seq, None], (self.offsets + self.lengths)[seq, None]
+        bias[(cols >= begin) & (cols < end)] = 0.0
+        return frozen(bias)
+
+    @cached_property
+    def runs(self) -> tuple[tuple[str, int, int], ...]:
+        """``(dtype, start, length)`` copies that stage the view: `extents` with neighbours in one pool
+        merged (a batch adjacent but for one sequence stages in two copies)."""
+        runs: list[tuple[str, int, int]] = []
+        for dtype, start, n, _ in self.extents:
+            if runs and runs[-1][0] == dtype and runs[-1][1] + runs[-1][2] == start:
+                runs[-1] = (dtype, runs[-1][1], runs[-1][2] + n)
+            else:
+                runs.append((dtype, start, n))
+        return tuple(runs)
+
+    @cached_property
+    def gathered_bias(self) -> np.ndarray:
+        """``[T, L]`` float32 bias over the gathered view: token t sees its sequence's first lengths rows."""
+        width = int(self.lengths.max(initial=0))
+        bias = np.where(np.arange(width) < self.lengths[self.token_seq, None], np.float32(0), NEG_INF)
+        return frozen(bias.astype(np.float32))
+
+
+def frozen(arr: np.ndarray) -> np.ndarray:
     arr.flags.writeable = False
     return arr

@@ -236,6 +236,7 @@ def test_remove_then_shift_rerotates_the_later_keys(kv_dtype, tolerance) -> None
     cache.shift(0, -2, rope, begin=3)
     cells, positions = cache.cell_table(0)
     assert positions.tolist() == [0, 1, 2, 3]
+    assert (cache.length(0), cache.length(1), cache.length(7), cache.max_sequences) == (4, 6, 0, 2)
     assert cells[0] == plan.slot_mapping[0] and set(cells[1:].tolist()).isdisjoint(plan.slot_mapping.tolist())
     assert cache.stats().cells_shared == 1
     expected = apply_rope(base[[0, 3, 4, 5]], [0, 1, 2, 3], rope)
