@@ -105,21 +105,12 @@ def native_exports(folder: Path, exports: Sequence[tuple[str, str, str]], timing
     return paths
 
 
-def optimum_export(folder: Path) -> Path:
-    """`optimum-cli export onnx --task text-generation-with-past` of folder/checkpoint into folder/optimum."""
+def optimum_export(folder: Path, task: str = "text-generation-with-past") -> Path:
+    """`optimum-cli export onnx --task TASK` of folder/checkpoint into folder/optimum (offline)."""
     out = folder / "optimum"
     shutil.rmtree(out, ignore_errors=True)
     cli = Path(sys.executable).with_name("optimum-cli")
-    command = [
-        str(cli),
-        "export",
-        "onnx",
-        "--model",
-        str(folder / "checkpoint"),
-        "--task",
-        "text-generation-with-past",
-        str(out),
-    ]
+    command = [str(cli), "export", "onnx", "--model", str(folder / "checkpoint"), "--task", task, str(out)]
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (out / extra).unlink(missing_ok=True)  # the checkpoint folder has them; keep models/ small
@@ -134,12 +125,20 @@ def finish_checkpoint(
     reference_prompts: Sequence[Sequence[int]] | None = None,
 ) -> None:
     """Native exports, optionally the Optimum export, and reference.npz of folder/checkpoint."""
-    from kvarray.export.reference import greedy_margin, greedy_reference
+    from kvarray.export.reference import greedy_reference
 
     native_exports(folder, exports, timing)
     if optimum:
         optimum_export(folder)
-    ref = greedy_reference(folder / "checkpoint", reference_prompts or prompts(SEED), NEW_TOKENS)
+    save_reference(
+        folder, greedy_reference(folder / "checkpoint", reference_prompts or prompts(SEED), NEW_TOKENS)
+    )
+
+
+def save_reference(folder: Path, ref: dict[str, np.ndarray]) -> None:
+    """Print the smallest greedy margin of the reference `ref`, then write it to folder/reference.npz."""
+    from kvarray.export.reference import greedy_margin
+
     margin = greedy_margin(ref)
     print(f"{folder.name}: smallest greedy margin {margin:.4f} (must be well above the 1e-4 tolerance)")
     np.savez_compressed(folder / "reference.npz", **ref)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +30,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import build  # noqa: E402  (sets HF_HUB_OFFLINE=1)
 import byte_tokenizer  # noqa: E402
+from build import NEW_TOKENS, SEED  # noqa: E402
 
-SEED = 5
-NEW_TOKENS = 16
 FEATURES_SEED = 50
 
 #: T5 v1.1 / flan style: gated-gelu, untied head, d_kv (8) != d_model / heads (6): attention is 4 * 8 = 32
@@ -96,12 +93,8 @@ def whisper_features(n_mels: int, count: int, seed: int = FEATURES_SEED) -> list
 
 
 def optimum_export(folder: Path, task: str) -> Path:
-    """`optimum-cli export onnx --task TASK` of folder/checkpoint into folder/optimum (offline)."""
-    out = folder / "optimum"
-    shutil.rmtree(out, ignore_errors=True)
-    cli = Path(sys.executable).with_name("optimum-cli")
-    command = [str(cli), "export", "onnx", "--model", str(folder / "checkpoint"), "--task", task, str(out)]
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """`build.optimum_export` of folder/checkpoint with `task`, keeping only the files listed below."""
+    out = build.optimum_export(folder, task)
     # keep models/ small: the encoder and the merged decoder (with and without past, what Optimum's
     # ORTModelForSeq2SeqLM / ORTModelForSpeechSeq2Seq load by default); the tokenizer is in checkpoint/
     keep = ("encoder_model.onnx", "decoder_model_merged.onnx", "config.json", "generation_config.json")
@@ -113,7 +106,7 @@ def optimum_export(folder: Path, task: str) -> Path:
 
 def _finish(folder: Path, arch: str, task: str, sources: list, start: int) -> None:
     from kvarray.export import export
-    from kvarray.export.reference import greedy_margin, seq2seq_reference
+    from kvarray.export.reference import seq2seq_reference
 
     byte_tokenizer.save_tokenizer(folder / "checkpoint")
     export(arch, folder / "checkpoint", folder / "native", kv_dtype="float32", view="pool")
@@ -121,11 +114,9 @@ def _finish(folder: Path, arch: str, task: str, sources: list, start: int) -> No
     ref = seq2seq_reference(folder / "checkpoint", sources, decoder_prompts(start), NEW_TOKENS)
     if arch == "whisper":
         ref["features_seed"] = np.asarray(FEATURES_SEED, np.int64)
-    margin = greedy_margin(ref)
-    print(f"{folder.name}: smallest greedy margin {margin:.4f} (must be well above the 1e-4 tolerance)")
+    build.save_reference(folder, ref)
     for k in range(len(sources)):
         print(f"  sequence {k}: generated {ref[f'generated_{k}'].tolist()}")
-    np.savez_compressed(folder / "reference.npz", **ref)
 
 
 def build_t5(timing: bool = False) -> None:

@@ -5,7 +5,8 @@
 
 Reading needs only NumPy, safetensors and onnx (no torch). Each architecture registers one function in
 `EXPORTERS`; the shared pieces live in `checkpoint` (reading), `graph` (builder and common layers),
-`attention` (the block attention over past and this pass) and `metadata` (what a graph says about itself).
+`attention` (the block attention over past and this pass), `interface` (the inputs and outputs every
+architecture declares alike) and `metadata` (what a graph says about itself).
 """
 
 from __future__ import annotations

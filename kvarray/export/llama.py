@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import DTypeMismatch, SpecMismatch, UnsupportedModel
-from ..spec import KVSpec, Llama3Scaling, RopeSpec, RopeStyle, check_group_size
-from .attention import KVBlock, View, attention, declare_past, past_input_names
+from ..errors import SpecMismatch, UnsupportedModel
+from ..spec import KVSpec, Llama3Scaling, RopeSpec, RopeStyle
+from .attention import KVBlock, View, attention
 from .checkpoint import Checkpoint
 from .graph import GraphBuilder, apply_rope, linear, rms_norm, rotary_tables, silu
-from .metadata import graph_metadata
+from .interface import TOKEN_IDS, declare_step_inputs, step_model
 
 MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("default", "llama3")
@@ -138,31 +138,21 @@ def _rope_scaling(ckpt: Checkpoint) -> Llama3Scaling | None:
 def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.ModelProto:
     """The decoder-step ModelProto of the Llama checkpoint `ckpt` (see the module docstring)."""
     cfg = read_config(ckpt)
-    if kv_dtype == "int8":
-        if view is View.GATHERED:
-            raise DTypeMismatch(
-                "the gathered view reads a float staging buffer (gather_rows dequantizes int8 pools): "
-                "export it with kv_dtype float32 or float16"
-            )
-        check_group_size(cfg.num_kv_heads * cfg.head_dim, 32)
     E, KV, D, V = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     g = GraphBuilder("kvarray_llama_decoder_step")
 
-    input_ids = g.input("input_ids", "int64", ["tokens"])
-    position_ids = g.input("position_ids", "int64", ["tokens"])
-    token_sequence = g.input("token_sequence", "int64", ["tokens"]) if view is View.GATHERED else None
-    pasts = [declare_past(g, i, view, kv_dtype, KV, D, token_sequence) for i in range(cfg.num_layers)]
+    inputs = declare_step_inputs(g, view, kv_dtype, cfg.num_layers, KV, D)
     bias = g.input("attention_bias", "float32", ["tokens", "past_and_tokens"])
     logits_index = g.input("logits_index", "int64", ["logits_rows"])
 
     embed = g.weight("model.embed_tokens.weight", ckpt.tensor("model.embed_tokens.weight", [V, E]))
-    h = g.op("Gather", embed, input_ids, axis=0)  # [T, E]
+    h = g.op("Gather", embed, inputs.input_ids, axis=0)  # [T, E]
     with g.scope("rope"):
-        cos, sin = rotary_tables(g, position_ids, cfg.rope.inv_freq(D))
+        cos, sin = rotary_tables(g, inputs.position_ids, cfg.rope.inv_freq(D))
 
     for i in range(cfg.num_layers):
         with g.scope(f"layers.{i}"):
-            h = g.op("Add", h, _self_attention(g, ckpt, cfg, h, i, pasts[i], (cos, sin), bias))
+            h = g.op("Add", h, _self_attention(g, ckpt, cfg, h, i, inputs.pasts[i], (cos, sin), bias))
             h = g.op("Add", h, _mlp(g, ckpt, cfg, h, f"model.layers.{i}"))
 
     with g.scope("head"):
@@ -173,28 +163,7 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
         else:
             head = g.weight("lm_head.weight", ckpt.tensor("lm_head.weight", [V, E]))
         g.op("Gemm", last, head, transB=1, outputs=["logits"])
-
-    outputs = ["logits"]
-    g.output("logits", "float32", ["logits_rows", V])
-    for i in range(cfg.num_layers):
-        for name in (f"new_key.{i}", f"new_value.{i}"):
-            g.output(name, "float32", ["tokens", KV, D])
-            outputs.append(name)
-    inputs = [v.name for v in g.inputs]
-    meta = graph_metadata(
-        architecture="llama",
-        graph="decoder_step",
-        spec=cfg.spec,
-        rope=cfg.rope,
-        vocab_size=V,
-        kv_dtype=kv_dtype,
-        view=view.value,
-        inputs=inputs,
-        outputs=outputs,
-        tokens={k: ckpt.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-    )
-    assert all(n in inputs for i in range(cfg.num_layers) for n in past_input_names(i, kv_dtype))
-    return g.model(meta)
+    return step_model(g, ckpt, "llama", cfg.spec, V, kv_dtype, view, rope=cfg.rope, token_ids=TOKEN_IDS)
 
 
 def _self_attention(

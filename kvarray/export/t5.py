@@ -33,12 +33,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import DTypeMismatch, UnsupportedModel
-from ..spec import KVSpec, check_group_size
-from .attention import KVBlock, View, attention, declare_cross, declare_past
+from ..errors import UnsupportedModel
+from ..spec import KVSpec
+from .attention import KVBlock, View, attention
 from .checkpoint import Checkpoint
 from .graph import GraphBuilder, gelu, linear, rms_norm, silu
-from .metadata import graph_metadata
+from .interface import (
+    SEQ2SEQ_TOKEN_IDS,
+    cross_outputs,
+    declare_cross_inputs,
+    declare_step_inputs,
+    encoder_model,
+    export_encoder_decoder,
+    step_model,
+)
 
 #: activations of the feed-forward (transformers' ACT2FN keys); gelu_new is the tanh approximation.
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -214,11 +222,6 @@ def _table(g: GraphBuilder, ckpt: Checkpoint, cfg: T5Config, stack: str, bidirec
     return g.weight(f"{stack}.relative_bias_table", table)
 
 
-def _tokens(ckpt: Checkpoint) -> dict:
-    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-    return {k: ckpt.config.get(k) for k in keys}
-
-
 # -- graphs ---------------------------------------------------------------------------------------------
 def build_encoder(ckpt: Checkpoint) -> onnx.ModelProto:
     """The flat encoder ModelProto: input_ids, position_ids, attention_bias -> every cross_key/value."""
@@ -247,56 +250,28 @@ def build_encoder(ckpt: Checkpoint) -> onnx.ModelProto:
         h = rms_norm(
             g, h, ckpt.tensor("encoder.final_layer_norm.weight", [E]), cfg.eps, "encoder.final_layer_norm"
         )
-        weights, outputs = [], []
-        for i in range(cfg.decoder_layers):
-            for kind, name in (("k", "cross_key"), ("v", "cross_value")):
-                p = f"decoder.block.{i}.layer.1.EncDecAttention.{kind}.weight"
-                weights.append(ckpt.tensor(p, [H * D, E]))
-                outputs.append(f"{name}.{i}")
-        packed = g.op(
-            "Reshape", linear(g, h, np.concatenate(weights), "cross_kv"), g.const([0, len(outputs) * H, D])
-        )
-        parts = g.op("Split", packed, g.const([H] * len(outputs)), axis=1, outputs=len(outputs))
-        for part, name in zip(parts if len(outputs) > 1 else [parts], outputs, strict=True):
-            g.op("Identity", part, outputs=[name])
-            g.output(name, "float32", ["encoder_tokens", H, D])
-    meta = graph_metadata(
-        architecture="t5",
-        graph="encoder",
-        spec=cfg.spec,
-        rope=None,
-        vocab_size=cfg.vocab_size,
-        kv_dtype="float32",
-        view="none",
-        inputs=[v.name for v in g.inputs],
-        outputs=outputs,
-        tokens=_tokens(ckpt),
-    )
-    return g.model(meta)
+        weights = [
+            ckpt.tensor(f"decoder.block.{i}.layer.1.EncDecAttention.{kind}.weight", [H * D, E])
+            for i in range(cfg.decoder_layers)
+            for kind in "kv"
+        ]
+        outputs = cross_outputs(g, h, weights, None, H, D, "encoder_tokens")
+    return encoder_model(g, ckpt, "t5", cfg.spec, cfg.vocab_size, outputs)
 
 
 def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.ModelProto:
     """The decoder-step ModelProto of the T5 checkpoint `ckpt` (see the module docstring)."""
     cfg = read_config(ckpt)
     H, D, E, V = cfg.num_heads, cfg.d_kv, cfg.d_model, cfg.vocab_size
-    if kv_dtype == "int8":
-        if view is View.GATHERED:
-            raise DTypeMismatch(
-                "the gathered view reads a float staging buffer: export it with float32 or float16"
-            )
-        check_group_size(H * D, 32)
     g = GraphBuilder("kvarray_t5_decoder_step")
-    input_ids = g.input("input_ids", "int64", ["tokens"])
-    position_ids = g.input("position_ids", "int64", ["tokens"])
-    token_sequence = g.input("token_sequence", "int64", ["tokens"]) if view is View.GATHERED else None
-    pasts = [declare_past(g, i, view, kv_dtype, H, D, token_sequence) for i in range(cfg.decoder_layers)]
+    inputs = declare_step_inputs(g, view, kv_dtype, cfg.decoder_layers, H, D)
+    input_ids, position_ids, token_sequence = inputs.input_ids, inputs.position_ids, inputs.token_sequence
     if view is View.POOL:
         past_positions = g.input("past_position_ids", "int64", ["past_cells"])
     else:
         past_positions = g.input("past_position_ids", "int64", ["sequences", "past_length"])
     bias = g.input("attention_bias", "float32", ["tokens", "past_and_tokens"])
-    crosses = [declare_cross(g, i, H, D) for i in range(cfg.decoder_layers)]
-    cross_bias = g.input("cross_bias", "float32", ["tokens", "cross_rows"])
+    crosses, cross_bias = declare_cross_inputs(g, cfg.decoder_layers, H, D)
     logits_index = g.input("logits_index", "int64", ["logits_rows"])
 
     embed = g.weight("shared.weight", _embedding(ckpt, cfg))
@@ -323,7 +298,7 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
             out = attention(
                 g,
                 q,
-                [pasts[i], KVBlock(k, v)],
+                [inputs.pasts[i], KVBlock(k, v)],
                 bias,
                 kv_heads=H,
                 group=1,
@@ -348,34 +323,9 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
         else:
             head = g.weight("lm_head.weight", ckpt.tensor("lm_head.weight", [V, E]))
         g.op("Gemm", last, head, transB=1, outputs=["logits"])
-    outputs = ["logits"]
-    g.output("logits", "float32", ["logits_rows", V])
-    for i in range(cfg.decoder_layers):
-        for name in (f"new_key.{i}", f"new_value.{i}"):
-            g.output(name, "float32", ["tokens", H, D])
-            outputs.append(name)
-    meta = graph_metadata(
-        architecture="t5",
-        graph="decoder_step",
-        spec=cfg.spec,
-        rope=None,
-        vocab_size=V,
-        kv_dtype=kv_dtype,
-        view=view.value,
-        inputs=[v.name for v in g.inputs],
-        outputs=outputs,
-        tokens=_tokens(ckpt),
-    )
-    return g.model(meta)
+    return step_model(g, ckpt, "t5", cfg.spec, V, kv_dtype, view, token_ids=SEQ2SEQ_TOKEN_IDS)
 
 
 def export_t5(ckpt: Checkpoint, out_dir: Path, kv_dtype: str, view: View) -> list[Path]:
     """Write ``encoder.onnx`` and ``decoder_step.{view}.{kv_dtype}.onnx`` into `out_dir`; return the paths."""
-    from . import save_model
-
-    step = build_decoder_step(ckpt, kv_dtype, view)  # validates before anything is written
-    encoder = build_encoder(ckpt)
-    return [
-        save_model(encoder, out_dir / "encoder.onnx"),
-        save_model(step, out_dir / f"decoder_step.{view.value}.{kv_dtype}.onnx"),
-    ]
+    return export_encoder_decoder(build_encoder, build_decoder_step, ckpt, out_dir, kv_dtype, view)

@@ -29,12 +29,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import DTypeMismatch, SpecMismatch, UnsupportedModel
-from ..spec import KVSpec, check_group_size
-from .attention import KVBlock, View, attention, declare_cross, declare_past
+from ..errors import SpecMismatch, UnsupportedModel
+from ..spec import KVSpec
+from .attention import KVBlock, View, attention
 from .checkpoint import Checkpoint
 from .graph import GraphBuilder, gelu, layer_norm, linear
-from .metadata import graph_metadata
+from .interface import (
+    SEQ2SEQ_TOKEN_IDS,
+    cross_outputs,
+    declare_cross_inputs,
+    declare_step_inputs,
+    encoder_model,
+    export_encoder_decoder,
+    step_model,
+)
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 FRAMES_PER_POSITION = 2  # conv2's stride
@@ -158,11 +166,6 @@ def _encoder_self_attention(g: GraphBuilder, ckpt: Checkpoint, cfg: WhisperConfi
     return _proj(g, ckpt, out, f"{p}.out_proj", E, E)
 
 
-def _tokens(ckpt: Checkpoint) -> dict:
-    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-    return {k: ckpt.config.get(k) for k in keys}
-
-
 # -- graphs ---------------------------------------------------------------------------------------------
 def build_encoder(ckpt: Checkpoint) -> onnx.ModelProto:
     """The encoder ModelProto: input_features -> every decoder layer's cross_key/value (flat rows)."""
@@ -187,57 +190,29 @@ def build_encoder(ckpt: Checkpoint) -> onnx.ModelProto:
             h = _mlp(g, ckpt, cfg, h, p, cfg.encoder_ffn)
     with g.scope("cross"):
         h = g.op("Reshape", _norm(g, ckpt, h, "model.encoder.layer_norm", E), g.const([-1, E]))  # [B * P, E]
-        weights, biases, outputs = [], [], []
+        weights, biases = [], []
         for i in range(cfg.decoder_layers):
             p = f"model.decoder.layers.{i}.encoder_attn"
             weights += [ckpt.tensor(f"{p}.k_proj.weight", [E, E]), ckpt.tensor(f"{p}.v_proj.weight", [E, E])]
             biases += [np.zeros(E, np.float32), ckpt.tensor(f"{p}.v_proj.bias", [E])]
-            outputs += [f"cross_key.{i}", f"cross_value.{i}"]
-        packed = linear(g, h, np.concatenate(weights), "cross_kv", np.concatenate(biases))
-        packed = g.op("Reshape", packed, g.const([0, len(outputs) * H, D]))
-        parts = g.op("Split", packed, g.const([H] * len(outputs)), axis=1, outputs=len(outputs))
-        for part, name in zip(parts if len(outputs) > 1 else [parts], outputs, strict=True):
-            g.op("Identity", part, outputs=[name])
-            g.output(name, "float32", ["encoder_rows", H, D])
-    meta = graph_metadata(
-        architecture="whisper",
-        graph="encoder",
-        spec=cfg.spec,
-        rope=None,
-        vocab_size=cfg.vocab_size,
-        kv_dtype="float32",
-        view="none",
-        inputs=[v.name for v in g.inputs],
-        outputs=outputs,
-        tokens=_tokens(ckpt),
-    )
-    return g.model(meta)
+        outputs = cross_outputs(g, h, weights, biases, H, D, "encoder_rows")
+    return encoder_model(g, ckpt, "whisper", cfg.spec, cfg.vocab_size, outputs)
 
 
 def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.ModelProto:
     """The decoder-step ModelProto of the Whisper checkpoint `ckpt` (see the module docstring)."""
     cfg = read_config(ckpt)
     E, H, D, V = cfg.d_model, cfg.decoder_heads, cfg.head_dim, cfg.vocab_size
-    if kv_dtype == "int8":
-        if view is View.GATHERED:
-            raise DTypeMismatch(
-                "the gathered view reads a float staging buffer: export it with float32 or float16"
-            )
-        check_group_size(H * D, 32)
     g = GraphBuilder("kvarray_whisper_decoder_step")
-    input_ids = g.input("input_ids", "int64", ["tokens"])
-    position_ids = g.input("position_ids", "int64", ["tokens"])
-    token_sequence = g.input("token_sequence", "int64", ["tokens"]) if view is View.GATHERED else None
-    pasts = [declare_past(g, i, view, kv_dtype, H, D, token_sequence) for i in range(cfg.decoder_layers)]
+    inputs = declare_step_inputs(g, view, kv_dtype, cfg.decoder_layers, H, D)
     bias = g.input("attention_bias", "float32", ["tokens", "past_and_tokens"])
-    crosses = [declare_cross(g, i, H, D) for i in range(cfg.decoder_layers)]
-    cross_bias = g.input("cross_bias", "float32", ["tokens", "cross_rows"])
+    crosses, cross_bias = declare_cross_inputs(g, cfg.decoder_layers, H, D)
     logits_index = g.input("logits_index", "int64", ["logits_rows"])
 
     embed = g.weight("embed_tokens.weight", ckpt.tensor("model.decoder.embed_tokens.weight", [V, E]))
-    h = g.op("Gather", embed, input_ids, axis=0)  # [T, E]; scale_embedding is ignored, as transformers does
+    h = g.op("Gather", embed, inputs.input_ids, axis=0)  # [T, E]; scale_embedding ignored, as in transformers
     table = ckpt.tensor("model.decoder.embed_positions.weight", [cfg.target_positions, E])
-    h = g.op("Add", h, g.op("Gather", g.weight("decoder.positions", table), position_ids, axis=0))
+    h = g.op("Add", h, g.op("Gather", g.weight("decoder.positions", table), inputs.position_ids, axis=0))
     scale = D**-0.5
     for i in range(cfg.decoder_layers):
         p = f"model.decoder.layers.{i}"
@@ -250,7 +225,7 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
             names = [f"{p}.query", f"new_key.{i}", f"new_value.{i}"]
             q, k, v = g.op("Split", qkv, g.const([H, H, H]), axis=1, outputs=names)
             out = attention(
-                g, q, [pasts[i], KVBlock(k, v)], bias, kv_heads=H, group=1, head_dim=D, scale=scale
+                g, q, [inputs.pasts[i], KVBlock(k, v)], bias, kv_heads=H, group=1, head_dim=D, scale=scale
             )
             h = g.op("Add", h, _proj(g, ckpt, out, f"{p}.self_attn.out_proj", E, E))
             x = _norm(g, ckpt, h, f"{p}.encoder_attn_layer_norm", E)
@@ -263,34 +238,9 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
         untied = not cfg.tie_word_embeddings and ckpt.has("proj_out.weight")
         head = g.weight("proj_out.weight", ckpt.tensor("proj_out.weight", [V, E])) if untied else embed
         g.op("Gemm", last, head, transB=1, outputs=["logits"])
-    outputs = ["logits"]
-    g.output("logits", "float32", ["logits_rows", V])
-    for i in range(cfg.decoder_layers):
-        for name in (f"new_key.{i}", f"new_value.{i}"):
-            g.output(name, "float32", ["tokens", H, D])
-            outputs.append(name)
-    meta = graph_metadata(
-        architecture="whisper",
-        graph="decoder_step",
-        spec=cfg.spec,
-        rope=None,
-        vocab_size=V,
-        kv_dtype=kv_dtype,
-        view=view.value,
-        inputs=[v.name for v in g.inputs],
-        outputs=outputs,
-        tokens=_tokens(ckpt),
-    )
-    return g.model(meta)
+    return step_model(g, ckpt, "whisper", cfg.spec, V, kv_dtype, view, token_ids=SEQ2SEQ_TOKEN_IDS)
 
 
 def export_whisper(ckpt: Checkpoint, out_dir: Path, kv_dtype: str, view: View) -> list[Path]:
     """Write ``encoder.onnx`` and ``decoder_step.{view}.{kv_dtype}.onnx`` into `out_dir`; return the paths."""
-    from . import save_model
-
-    step = build_decoder_step(ckpt, kv_dtype, view)  # validates before anything is written
-    encoder = build_encoder(ckpt)
-    return [
-        save_model(encoder, out_dir / "encoder.onnx"),
-        save_model(step, out_dir / f"decoder_step.{view.value}.{kv_dtype}.onnx"),
-    ]
+    return export_encoder_decoder(build_encoder, build_decoder_step, ckpt, out_dir, kv_dtype, view)

@@ -21,6 +21,13 @@ NEG_INF = np.float32(-np.inf)
 N_KV_MULTIPLE = 32  # the pool view's length is the high-water mark rounded up to this
 
 
+def session(path: str | Path) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of the graph at `path`, on one thread."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class GraphDriver:
     """Run one native graph over sequences, keeping their K/V in NumPy pools.
 
@@ -32,9 +39,7 @@ class GraphDriver:
 
     def __init__(self, graph: str | Path, capacity: int = 256, first_cell: int = 0) -> None:
         self.info = read_metadata(graph)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        self.session = session(graph)
         spec = self.info.spec
         self.kv_dtype = self.info.kv_dtype
         self.view = self.info.view
@@ -144,3 +149,22 @@ def greedy(driver: GraphDriver, prompts: Sequence[Sequence[int]], new_tokens: in
             if step < new_tokens - 1:
                 chosen[k].append(int(np.argmax(logits[k])))
     return [np.stack(r) for r in rows], chosen
+
+
+def check_rows(
+    reference: dict[str, np.ndarray],
+    batch: Sequence[int],
+    rows: Sequence[np.ndarray],
+    chosen: Sequence[list[int]],
+    tolerance: float,
+) -> float:
+    """Check `greedy`'s `rows` and `chosen` of sequences `batch` against `reference` (a reference.npz):
+    assert every logits row within `tolerance` and the greedy tokens equal; return the max |difference|."""
+    worst = 0.0
+    for j, k in enumerate(batch):
+        expected = reference[f"logits_{k}"]
+        assert rows[j].shape == expected.shape
+        worst = max(worst, float(np.abs(rows[j] - expected).max()))
+        assert chosen[j] == reference[f"generated_{k}"].tolist(), f"greedy tokens of sequence {k} differ"
+    assert worst <= tolerance, f"max |logit difference| {worst:.2e} > {tolerance:.0e}"
+    return worst

@@ -12,6 +12,28 @@ import numpy as np
 from kvarray.export import Checkpoint
 from kvarray.export.llama import read_config
 
+#: config.json sizes of the exporter tests' random Llamas: 2 layers, hidden 64, 4 heads of 16 over 2 kv
+#: heads, vocab 259 (the byte vocabulary).
+SIZES = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+#: config.json overrides of a llama3-scaled rope whose original context (16) the tests' positions pass.
+LLAMA3_ROPE = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
@@ -64,8 +86,8 @@ def forward(checkpoint: str, tokens: list[int]) -> np.ndarray:
 def write_checkpoint(directory, seed: int = 0, **overrides) -> dict:
     """Write a random Llama checkpoint (config.json + model.safetensors) with NumPy only; return its config.
 
-    The base is 2 layers, hidden 64, 4 heads of 16 over 2 kv heads, vocab 259; `overrides` are config.json
-    keys (``tie_word_embeddings``, ``attention_bias``, ``partial_rotary_factor``, ``rope_scaling``, ...).
+    The base is `SIZES`; `overrides` are config.json keys (``tie_word_embeddings``, ``attention_bias``,
+    ``partial_rotary_factor``, ``rope_scaling``, ...).
     """
     import json
     from pathlib import Path
@@ -75,12 +97,7 @@ def write_checkpoint(directory, seed: int = 0, **overrides) -> dict:
     config = dict(
         model_type="llama",
         architectures=["LlamaForCausalLM"],
-        vocab_size=259,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SIZES,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from graph_driver import N_KV_MULTIPLE, NEG_INF, GraphDriver
+from graph_driver import N_KV_MULTIPLE, NEG_INF, GraphDriver, check_rows, greedy, session
 
 from kvarray.export import read_metadata
-
-
-def session(path: str | Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 class _WithExtraFeeds:
@@ -137,8 +131,6 @@ def run_greedy(
     **driver: int,
 ) -> tuple[list[np.ndarray], list[list[int]]]:
     """Encode `sources` in one batch, then prefill `prompts` and 16 greedy steps (graph_driver.greedy)."""
-    from graph_driver import greedy
-
     d = Seq2SeqDriver(encoder, decoder, **driver)
     d.encode(list(range(len(sources))), sources)
     return greedy(d, prompts, 16)
@@ -157,11 +149,10 @@ def check_seq2seq(
     sources = sources_of(reference, n_mels)
     prompts = [reference[f"prompt_{k}"].tolist() for k in batch]
     rows, chosen = run_greedy(encoder, decoder, [sources[k] for k in batch], prompts, first_cell=5)
-    worst = 0.0
-    for j, k in enumerate(batch):
-        expected = reference[f"logits_{k}"]
-        assert rows[j].shape == expected.shape
-        worst = max(worst, float(np.abs(rows[j] - expected).max()))
-        assert chosen[j] == reference[f"generated_{k}"].tolist(), f"greedy tokens of sequence {k} differ"
-    assert worst <= tolerance, f"max |logit difference| {worst:.2e} > {tolerance:.0e}"
-    return worst
+    return check_rows(reference, batch, rows, chosen, tolerance)
+
+
+def committed_graphs(folder: Path) -> tuple[Path, Path]:
+    """The committed float32 pool-view (encoder, decoder_step) graphs of the model in `folder`."""
+    native = folder / "native"
+    return native / "encoder.onnx", native / "decoder_step.pool.float32.onnx"

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY, prompts_of
+from conftest import TINY, drop_tensor, edit_config, prompts_of
 from graph_driver import GraphDriver
-from numpy_llama import forward, write_checkpoint
+from numpy_llama import LLAMA3_ROPE, forward, write_checkpoint
 
 from kvarray.cli import main
 from kvarray.errors import DTypeMismatch, MissingTensor, ShapeMismatch, SpecMismatch, UnsupportedModel
@@ -54,16 +54,7 @@ def test_optimized_graph_reads_the_pool_in_place(tmp_path):
         {"attention_bias": True, "mlp_bias": True},
         {"partial_rotary_factor": 0.5},
         {"head_dim": 32, "num_key_value_heads": 1},
-        {
-            "rope_theta": 500000.0,
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            },
-        },
+        LLAMA3_ROPE,
         {"rope_scaling": {"type": "default"}},
     ],
     ids=["plain", "tied-head", "biases", "partial-rotary", "mqa-head-dim", "llama3", "default-rope"],
@@ -128,28 +119,14 @@ def ckpt(tmp_path):
     return tmp_path / "ckpt"
 
 
-def edit_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def test_missing_tensor_is_named(ckpt, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(ckpt / "model.safetensors"))
-    del tensors["model.layers.1.mlp.down_proj.weight"]
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    drop_tensor(ckpt, "model.layers.1.mlp.down_proj.weight")
     with pytest.raises(MissingTensor, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
         export("llama", ckpt, tmp_path / "out")
 
 
 def test_untied_head_needs_lm_head(ckpt, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(ckpt / "model.safetensors"))
-    del tensors["lm_head.weight"]
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    drop_tensor(ckpt, "lm_head.weight")
     with pytest.raises(MissingTensor, match="lm_head.weight"):
         export("llama", ckpt, tmp_path / "out")
 

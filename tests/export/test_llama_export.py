@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TINY, TRAINED, prompts_of
-from graph_driver import GraphDriver, greedy
+from graph_driver import GraphDriver, check_rows, greedy
 
 from kvarray.export import read_metadata
 
@@ -27,14 +27,7 @@ def check_against(
     """Run prompts `batch` of `reference` together; assert logits within tolerance, equal greedy tokens."""
     prompts = prompts_of(reference)
     rows, chosen = greedy(driver, [prompts[k] for k in batch], NEW_TOKENS)
-    worst = 0.0
-    for j, k in enumerate(batch):
-        expected = reference[f"logits_{k}"]
-        assert rows[j].shape == expected.shape
-        worst = max(worst, float(np.abs(rows[j] - expected).max()))
-        assert chosen[j] == reference[f"generated_{k}"].tolist(), f"greedy tokens of prompt {k} differ"
-    assert worst <= tolerance, f"max |logit difference| {worst:.2e} > {tolerance:.0e}"
-    return worst
+    return check_rows(reference, batch, rows, chosen, tolerance)
 
 
 @pytest.mark.parametrize("view", ["pool", "gathered"])

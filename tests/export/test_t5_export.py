@@ -8,14 +8,21 @@ pass and the greedy tokens against its `generate`.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS
-from seq2seq_driver import Seq2SeqDriver, check_seq2seq, run_greedy, sources_of
+from conftest import (
+    MODELS,
+    Exports,
+    assert_same_reference,
+    copy_checkpoint,
+    drop_tensor,
+    edit_config,
+    load_reference,
+    prompts_of,
+)
+from seq2seq_driver import Seq2SeqDriver, check_seq2seq, committed_graphs, run_greedy, sources_of
 
 from kvarray.errors import DTypeMismatch, MissingTensor, ShapeMismatch, UnsupportedModel
 from kvarray.export import export, read_metadata
@@ -30,29 +37,17 @@ REASON = torch_unavailable_reason()
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
-    return dict(np.load(T5 / "reference.npz"))
+    return load_reference(T5)
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory):
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     """(kv_dtype, view) -> (encoder, decoder_step) exported from the committed checkpoint, once."""
-    out = tmp_path_factory.mktemp("t5")
-    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
-
-    def get(kv_dtype: str = "float32", view: str = "pool") -> tuple[Path, Path]:
-        if (kv_dtype, view) not in cache:
-            encoder, step = export("t5", T5 / "checkpoint", out, kv_dtype=kv_dtype, view=view)
-            cache[kv_dtype, view] = (encoder, step)
-        return cache[kv_dtype, view]
-
-    return get
+    return Exports("t5", T5, tmp_path_factory.mktemp("t5"))
 
 
 def test_committed_graphs_match_committed_reference(reference):
-    native = T5 / "native"
-    check_seq2seq(
-        reference, native / "encoder.onnx", native / "decoder_step.pool.float32.onnx", [0, 1, 2], TOLERANCE
-    )
+    check_seq2seq(reference, *committed_graphs(T5), [0, 1, 2], TOLERANCE)
 
 
 @pytest.mark.parametrize("view", ["pool", "gathered"])
@@ -64,7 +59,7 @@ def test_each_sequence_alone_matches_reference(reference, graphs, view, batch):
 @pytest.mark.parametrize("view", ["pool", "gathered"])
 def test_flat_batch_equals_each_sequence_alone(reference, graphs, view):
     sources = sources_of(reference)
-    prompts = [reference[f"prompt_{k}"].tolist() for k in range(3)]
+    prompts = prompts_of(reference)
     together, chosen = run_greedy(*graphs("float32", view), sources, prompts)
     for k in range(3):
         (alone,), (chosen_alone,) = run_greedy(
@@ -132,22 +127,11 @@ def test_metadata_and_names(graphs):
 # -- bad checkpoints --------------------------------------------------------------------------------------
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
-    shutil.copytree(T5 / "checkpoint", tmp_path / "ckpt")
-    return tmp_path / "ckpt"
-
-
-def edit_config(ckpt: Path, **changes) -> None:
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(changes)
-    (ckpt / "config.json").write_text(json.dumps(config))
+    return copy_checkpoint(T5, tmp_path)
 
 
 def test_missing_tensor_is_named(ckpt, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(ckpt / "model.safetensors"))
-    del tensors["decoder.block.1.layer.1.EncDecAttention.k.weight"]
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    drop_tensor(ckpt, "decoder.block.1.layer.1.EncDecAttention.k.weight")
     with pytest.raises(MissingTensor, match=r"decoder\.block\.1\.layer\.1\.EncDecAttention\.k\.weight"):
         export("t5", ckpt, tmp_path / "out")
 
@@ -178,13 +162,9 @@ live = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 def test_committed_reference_is_what_transformers_computes(reference):
     from kvarray.export.reference import seq2seq_reference
 
-    prompts = [reference[f"prompt_{k}"].tolist() for k in range(3)]
+    prompts = prompts_of(reference)
     fresh = seq2seq_reference(T5 / "checkpoint", sources_of(reference), prompts)
-    for name, value in reference.items():
-        if name.startswith("logits_"):
-            np.testing.assert_allclose(fresh[name], value, rtol=0, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(fresh[name], value)
+    assert_same_reference(fresh, reference)
 
 
 @pytest.mark.reference

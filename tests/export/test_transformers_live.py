@@ -7,10 +7,10 @@ with their native graphs.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from conftest import TINY, prompts_of
+from conftest import TINY, assert_same_reference, prompts_of
 from graph_driver import GraphDriver
+from numpy_llama import LLAMA3_ROPE, SIZES
 from test_llama_export import NEW_TOKENS, TOLERANCE, check_against
 
 from kvarray.export import export
@@ -20,12 +20,7 @@ REASON = torch_unavailable_reason()
 pytestmark = [pytest.mark.reference, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 BASE = dict(
-    vocab_size=259,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    SIZES,
     max_position_embeddings=128,
     initializer_range=0.1,
     bos_token_id=None,
@@ -36,11 +31,7 @@ BASE = dict(
 
 def test_committed_reference_is_what_transformers_computes(tiny_reference):
     live = greedy_reference(TINY / "checkpoint", prompts_of(tiny_reference), NEW_TOKENS)
-    for name, value in tiny_reference.items():
-        if name.startswith("logits_"):
-            np.testing.assert_allclose(live[name], value, rtol=0, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(live[name], value)
+    assert_same_reference(live, tiny_reference)
 
 
 @pytest.mark.parametrize(
@@ -48,16 +39,7 @@ def test_committed_reference_is_what_transformers_computes(tiny_reference):
     [
         {"tie_word_embeddings": True},
         {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
-        {
-            "rope_theta": 500000.0,
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            },
-        },
+        LLAMA3_ROPE,
         {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
     ],
     ids=["tied-head", "biases-mqa", "llama3", "mha-head-dim-32"],

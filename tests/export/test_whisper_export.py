@@ -8,14 +8,21 @@ the greedy tokens against its `generate`.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS
-from seq2seq_driver import check_seq2seq, run_greedy, sources_of
+from conftest import (
+    MODELS,
+    Exports,
+    assert_same_reference,
+    copy_checkpoint,
+    drop_tensor,
+    edit_config,
+    load_reference,
+    prompts_of,
+)
+from seq2seq_driver import check_seq2seq, committed_graphs, run_greedy, sources_of
 
 from kvarray.errors import MissingTensor, ShapeMismatch, SpecMismatch, UnsupportedModel
 from kvarray.export import export, read_metadata
@@ -30,29 +37,17 @@ REASON = torch_unavailable_reason()
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
-    return dict(np.load(WHISPER / "reference.npz"))
+    return load_reference(WHISPER)
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory):
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     """(kv_dtype, view) -> (encoder, decoder_step) exported from the committed checkpoint, once."""
-    out = tmp_path_factory.mktemp("whisper")
-    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
-
-    def get(kv_dtype: str = "float32", view: str = "pool") -> tuple[Path, Path]:
-        if (kv_dtype, view) not in cache:
-            encoder, step = export("whisper", WHISPER / "checkpoint", out, kv_dtype=kv_dtype, view=view)
-            cache[kv_dtype, view] = (encoder, step)
-        return cache[kv_dtype, view]
-
-    return get
+    return Exports("whisper", WHISPER, tmp_path_factory.mktemp("whisper"))
 
 
 def test_committed_graphs_match_committed_reference(reference):
-    native = WHISPER / "native"
-    check_seq2seq(
-        reference, native / "encoder.onnx", native / "decoder_step.pool.float32.onnx", [0, 1, 2], TOLERANCE
-    )
+    check_seq2seq(reference, *committed_graphs(WHISPER), [0, 1, 2], TOLERANCE)
 
 
 @pytest.mark.parametrize("view", ["pool", "gathered"])
@@ -63,7 +58,7 @@ def test_each_sequence_alone_matches_reference(reference, graphs, view):
 
 def test_flat_batch_equals_each_sequence_alone(reference, graphs):
     sources = sources_of(reference)
-    prompts = [reference[f"prompt_{k}"].tolist() for k in range(3)]
+    prompts = prompts_of(reference)
     together, chosen = run_greedy(*graphs(), sources, prompts)
     for k in range(3):
         (alone,), (chosen_alone,) = run_greedy(*graphs(), [sources[k]], [prompts[k]], first_cell=7)
@@ -110,22 +105,11 @@ def test_metadata_and_names(graphs):
 # -- bad checkpoints --------------------------------------------------------------------------------------
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
-    shutil.copytree(WHISPER / "checkpoint", tmp_path / "ckpt")
-    return tmp_path / "ckpt"
-
-
-def edit_config(ckpt: Path, **changes) -> None:
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(changes)
-    (ckpt / "config.json").write_text(json.dumps(config))
+    return copy_checkpoint(WHISPER, tmp_path)
 
 
 def test_missing_tensor_is_named(ckpt, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(ckpt / "model.safetensors"))
-    del tensors["model.encoder.conv2.bias"]
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    drop_tensor(ckpt, "model.encoder.conv2.bias")
     with pytest.raises(MissingTensor, match=r"model\.encoder\.conv2\.bias"):
         export("whisper", ckpt, tmp_path / "out")
 
@@ -154,13 +138,9 @@ live = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 def test_committed_reference_is_what_transformers_computes(reference):
     from kvarray.export.reference import seq2seq_reference
 
-    prompts = [reference[f"prompt_{k}"].tolist() for k in range(3)]
+    prompts = prompts_of(reference)
     fresh = seq2seq_reference(WHISPER / "checkpoint", sources_of(reference), prompts)
-    for name, value in reference.items():
-        if name.startswith("logits_"):
-            np.testing.assert_allclose(fresh[name], value, rtol=0, atol=1e-5)
-        elif name in fresh:
-            np.testing.assert_array_equal(fresh[name], value)
+    assert_same_reference(fresh, {name: value for name, value in reference.items() if name in fresh})
 
 
 @pytest.mark.reference
