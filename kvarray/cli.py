@@ -45,6 +45,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Generate text for the prompts with the model folder's native graph (see docs/engine.md)."""
+    from .ort.cli_generate import run_generate
+
+    return run_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvarray", description="KV caches for transformer inference")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--kv-dtype", default="float32", choices=["float32", "float16", "int8"])
     export.add_argument("--view", default="pool", choices=["pool", "gathered"])
     export.set_defaults(run=_export)
+    from .ort.cli_generate import add_generate_arguments
+
+    generate = commands.add_parser("generate", help="generate text with a model folder's native graph")
+    add_generate_arguments(generate)
+    generate.set_defaults(run=_generate)
     return parser
 
 

@@ -111,3 +111,42 @@ class UnknownModality(ConfigError):
 
 class NoEncoderEntry(UnknownSequence):
     """A decoder step (or fork) for a sequence without a complete encoder entry (every layer written)."""
+
+
+# ---- the ONNX Runtime adapter and generation engine (kvarray.ort) ----------------------------------
+class GraphMismatch(SpecMismatch):
+    """A graph whose input/output names or shapes do not match the naming convention or the cache spec;
+    the message lists the names (or shapes) expected and found."""
+
+
+class EmptyPrompt(KVArrayError, ValueError):
+    """A generation request without any prompt token."""
+
+
+class PromptTooLong(KVArrayError, ValueError):
+    """A prompt longer than the cache's capacity or the model's context.
+
+    Attributes:
+        length: prompt tokens; limit: the most the cache or model takes; what: "cache" or "model context".
+    """
+
+    def __init__(self, length: int, limit: int, what: str) -> None:
+        super().__init__(f"prompt of {length} tokens is longer than the {what} ({limit} tokens)")
+        self.length = length
+        self.limit = limit
+        self.what = what
+
+
+class UnknownToken(KVArrayError, ValueError):
+    """A token id outside the model's vocabulary ``[0, vocab_size)``."""
+
+
+class UnknownRequest(KVArrayError, KeyError):
+    """A request id the engine does not hold (never added, or already finished and collected)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; say it plainly
+        return str(self.args[0]) if self.args else "unknown request"
+
+
+class TokenizerError(KVArrayError, ValueError):
+    """A model folder whose tokenizer cannot be read here (not byte-level and `tokenizers` not installed)."""

@@ -1,0 +1,32 @@
+"""ONNX Runtime adapter: IO binding of cache buffers, naming conventions, and the generation engine."""
+
+from __future__ import annotations
+
+from .binding import Binder, OutputBuffers, device_name, is_zero_copy
+from .engine import Engine, EngineConfig, EngineMetrics, KVDtype
+from .names import CONVENTIONS, Convention, check_names, match_convention
+from .sampling import SamplingParams
+from .scheduler import FinishReason, Request, RequestState, TokenEvent
+from .tokenizer import ByteTokenizer, load_tokenizer
+
+__all__ = [
+    "CONVENTIONS",
+    "Binder",
+    "ByteTokenizer",
+    "Convention",
+    "Engine",
+    "EngineConfig",
+    "EngineMetrics",
+    "FinishReason",
+    "KVDtype",
+    "OutputBuffers",
+    "Request",
+    "RequestState",
+    "SamplingParams",
+    "TokenEvent",
+    "check_names",
+    "device_name",
+    "is_zero_copy",
+    "load_tokenizer",
+    "match_convention",
+]

@@ -1,0 +1,127 @@
+"""`kvarray generate MODEL_DIR ...`: the command's arguments and its run (imported lazily by kvarray.cli).
+
+Output: with one prompt, the generated text is streamed to stdout as it is produced; with several, each
+request's prompt and text is printed when it finishes (in finishing order, numbered by input order). A
+progress line goes to stderr, then the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `kvarray generate`."""
+    parser.add_argument(
+        "model_dir", help="model folder with checkpoint/ (tokenizer, config) and native/ graphs"
+    )
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--batch-file", help="a text file of prompts, one per line (empty lines skipped)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--kv-dtype", default="float32", choices=["float32", "int8"])
+    parser.add_argument("--window", type=int, default=None, help="sliding window of the cache, in tokens")
+    parser.add_argument("--sinks", type=int, default=0, help="attention-sink tokens kept with --window")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)"
+    )
+    parser.add_argument("--max-sequences", type=int, default=16, help="requests running at once")
+    parser.add_argument("--capacity", type=int, default=4096, help="cache cells")
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.batch_file:
+        lines = Path(args.batch_file).read_text(encoding="utf-8").splitlines()
+        prompts.extend(line for line in lines if line.strip())
+    return prompts
+
+
+def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run `kvarray generate`; returns the exit status (2 without any prompt)."""
+    from ..errors import KVArrayError
+    from .engine import Engine, EngineConfig, KVDtype
+    from .sampling import SamplingParams
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    prompts = _prompts(args)
+    if not prompts:
+        print("kvarray generate: give --prompt TEXT or --batch-file FILE", file=err)
+        return 2
+    try:
+        config = EngineConfig(
+            capacity=args.capacity,
+            max_sequences=args.max_sequences,
+            prefill_chunk=args.prefill_chunk,
+            kv_dtype=KVDtype(args.kv_dtype),
+            window=args.window,
+            sinks=args.sinks,
+            threads=args.threads,
+        )
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        engine = Engine.from_model_dir(args.model_dir, config)
+        tok = engine._tokenizer()
+        ids = [engine.add_request(tok.encode(p), params) for p in prompts]
+    except KVArrayError as exc:
+        print(f"kvarray generate: {type(exc).__name__}: {exc}", file=err)
+        return 1
+    index = {rid: k for k, rid in enumerate(ids)}
+    decoders = {rid: tok.decoder() for rid in ids}
+    single = len(prompts) == 1
+    if single:
+        out.write(prompts[0])
+    start = time.perf_counter()
+    total = len(prompts) * args.max_new_tokens
+    for event in engine.stream():
+        rid = event.request.id
+        piece = decoders[rid].feed(event.token)
+        if single:
+            out.write(piece)
+            out.flush()
+        if event.finished:
+            text = tok.decode(event.request.output)
+            if single:
+                out.write(decoders[rid].flush() + "\n")
+            else:
+                out.write(f"[{index[rid]}] {prompts[index[rid]]}{text}\n")
+        if not args.quiet and engine.metrics.steps % 16 == 0:
+            print(
+                f"\r{engine.metrics.generated_tokens}/{total} tokens, step {engine.metrics.steps}",
+                end="",
+                file=err,
+                flush=True,
+            )
+    elapsed = time.perf_counter() - start
+    m, stats = engine.metrics, engine.stats()
+    mib = stats.bytes_per_token * stats.capacity / 2**20
+    peak_mib = stats.bytes_per_token * m.peak_cells / 2**20
+    print("" if args.quiet else "\n", end="", file=err)
+    print(
+        f"{len(prompts)} requests, {m.generated_tokens} tokens generated in {elapsed:.2f} s: "
+        f"{m.generated_tokens / elapsed:.1f} tok/s generated, "
+        f"{(m.prefill_tokens + m.decode_tokens) / elapsed:.1f} tok/s processed\n"
+        f"steps {m.steps}, prefill tokens {m.prefill_tokens} (shared, not recomputed: {m.shared_tokens}), "
+        f"decode tokens {m.decode_tokens}, Python overhead {100 * m.overhead_share:.1f} % of step time\n"
+        f"cache: {args.kv_dtype}, {stats.bytes_per_token} B/token, pools {mib:.2f} MiB for "
+        f"{stats.capacity} cells, peak cells {m.peak_cells} ({peak_mib:.2f} MiB), peak n_kv {m.peak_n_kv}, "
+        f"fragmentation now {stats.fragmentation:.2f}, defrags {stats.defrags}",
+        file=err,
+    )
+    engine.close()
+    return 0
