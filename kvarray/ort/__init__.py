@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .binding import Binder, OutputBuffers, device_name, is_zero_copy
-from .engine import Engine, EngineConfig, EngineMetrics, KVDtype
+from .engine import Engine, EngineConfig, EngineMetrics, GraphKind, KVDtype, NativeRunner, Runner
 from .names import CONVENTIONS, Convention, check_names, match_convention
+from .optimum import OptimumRunner
 from .sampling import SamplingParams
 from .scheduler import FinishReason, Request, RequestState, TokenEvent
 from .tokenizer import ByteTokenizer, load_tokenizer
@@ -18,10 +19,14 @@ __all__ = [
     "EngineConfig",
     "EngineMetrics",
     "FinishReason",
+    "GraphKind",
     "KVDtype",
+    "NativeRunner",
+    "OptimumRunner",
     "OutputBuffers",
     "Request",
     "RequestState",
+    "Runner",
     "SamplingParams",
     "TokenEvent",
     "check_names",

@@ -1,8 +1,10 @@
 """`kvarray generate MODEL_DIR ...`: the command's arguments and its run (imported lazily by kvarray.cli).
 
-Output: with one prompt, the generated text is streamed to stdout as it is produced; with several, each
-request's prompt and text is printed when it finishes (in finishing order, numbered by input order). A
-progress line goes to stderr, then the summary.
+Output: with one prompt, the generated text is streamed to stdout as it is produced (ended by a newline);
+with several, each request's prompt and text is printed when it finishes (in finishing order, numbered by
+input order). When stderr is a terminal a progress line is updated in place there (``\r``), and cleared
+before the summary; when it is not (a pipe, a file, ``2>&1``), no progress is written, so it never mixes
+with the text. The summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from typing import TextIO
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `kvarray generate`."""
     parser.add_argument(
-        "model_dir", help="model folder with checkpoint/ (tokenizer, config) and native/ graphs"
+        "model_dir", help="model folder with checkpoint/ (tokenizer, config) and native/ or optimum/ graphs"
+    )
+    parser.add_argument(
+        "--graph",
+        default="auto",
+        choices=["auto", "native", "optimum"],
+        help="native/decoder_step.pool.{kv-dtype}.onnx, optimum/model.onnx, or auto (native when present)",
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--batch-file", help="a text file of prompts, one per line (empty lines skipped)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--kv-dtype", default="float32", choices=["float32", "int8"])
+    parser.add_argument("--kv-dtype", default="float32", choices=["float32", "float16", "int8"])
     parser.add_argument("--window", type=int, default=None, help="sliding window of the cache, in tokens")
     parser.add_argument("--sinks", type=int, default=0, help="attention-sink tokens kept with --window")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -35,7 +43,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequences", type=int, default=16, help="requests running at once")
     parser.add_argument("--capacity", type=int, default=4096, help="cache cells")
     parser.add_argument("--prefill-chunk", type=int, default=256)
-    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress line on stderr (shown only on a terminal)"
+    )
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -49,7 +59,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run `kvarray generate`; returns the exit status (2 without any prompt)."""
     from ..errors import KVArrayError
-    from .engine import Engine, EngineConfig, KVDtype
+    from .engine import Engine, EngineConfig, GraphKind, KVDtype
     from .sampling import SamplingParams
 
     out = out or sys.stdout
@@ -75,7 +85,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
             top_p=args.top_p,
             seed=args.seed,
         )
-        engine = Engine.from_model_dir(args.model_dir, config)
+        engine = Engine.from_model_dir(args.model_dir, config, graph=GraphKind(args.graph))
         tok = engine._tokenizer()
         ids = [engine.add_request(tok.encode(p), params) for p in prompts]
     except KVArrayError as exc:
@@ -88,38 +98,44 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
         out.write(prompts[0])
     start = time.perf_counter()
     total = len(prompts) * args.max_new_tokens
+    progress = not args.quiet and err.isatty()
+    ended = True  # the text written to `out` ends with a newline
     for event in engine.stream():
         rid = event.request.id
         piece = decoders[rid].feed(event.token)
         if single:
             out.write(piece)
             out.flush()
+            ended = False
         if event.finished:
             text = tok.decode(event.request.output)
             if single:
                 out.write(decoders[rid].flush() + "\n")
             else:
                 out.write(f"[{index[rid]}] {prompts[index[rid]]}{text}\n")
-        if not args.quiet and engine.metrics.steps % 16 == 0:
-            print(
-                f"\r{engine.metrics.generated_tokens}/{total} tokens, step {engine.metrics.steps}",
-                end="",
-                file=err,
-                flush=True,
-            )
+            out.flush()
+            ended = True
+        if progress and engine.metrics.steps % 16 == 0:
+            line = f"{engine.metrics.generated_tokens}/{total} tokens, step {engine.metrics.steps}"
+            print(f"\r{line}", end="", file=err, flush=True)
+    if not ended:
+        out.write("\n")
+        out.flush()
     elapsed = time.perf_counter() - start
     m, stats = engine.metrics, engine.stats()
     mib = stats.bytes_per_token * stats.capacity / 2**20
     peak_mib = stats.bytes_per_token * m.peak_cells / 2**20
-    print("" if args.quiet else "\n", end="", file=err)
+    if progress:
+        print("\r\033[K", end="", file=err)  # clear the progress line
     print(
         f"{len(prompts)} requests, {m.generated_tokens} tokens generated in {elapsed:.2f} s: "
         f"{m.generated_tokens / elapsed:.1f} tok/s generated, "
         f"{(m.prefill_tokens + m.decode_tokens) / elapsed:.1f} tok/s processed\n"
         f"steps {m.steps}, prefill tokens {m.prefill_tokens} (shared, not recomputed: {m.shared_tokens}), "
         f"decode tokens {m.decode_tokens}, Python overhead {100 * m.overhead_share:.1f} % of step time\n"
-        f"cache: {args.kv_dtype}, {stats.bytes_per_token} B/token, pools {mib:.2f} MiB for "
-        f"{stats.capacity} cells, peak cells {m.peak_cells} ({peak_mib:.2f} MiB), peak n_kv {m.peak_n_kv}, "
+        f"graph: {engine.runner.kind}, cache: {args.kv_dtype}, {stats.bytes_per_token} B/token, "
+        f"pools {mib:.2f} MiB for {stats.capacity} cells, peak cells {m.peak_cells} ({peak_mib:.2f} MiB), "
+        f"peak n_kv {m.peak_n_kv}, "
         f"fragmentation now {stats.fragmentation:.2f}, defrags {stats.defrags}",
         file=err,
     )

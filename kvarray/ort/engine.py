@@ -1,4 +1,4 @@
-"""The generation engine: a native decoder-step graph, a `CausalCache` and a continuous-batching scheduler.
+"""The generation engine: a decoder graph, a `CausalCache` and a continuous-batching scheduler.
 
     from kvarray.ort import Engine, EngineConfig, SamplingParams
     engine = Engine.from_model_dir("models/tiny-llama", EngineConfig(max_sequences=16))
@@ -6,10 +6,18 @@
         print(event.text, end="")
 
 Each `step` is one forward pass over a flat batch (decode tokens of every running request plus prompt
-chunks): `CausalCache.start_forward` assigns cells, the pool view ``keys[:n_kv]`` of every layer and the
-plan's ``bias_before_put [T, n_kv + T]`` are bound zero-copy to the graph, the session writes ``new_key`` /
-``new_value`` ``[T, H, D]`` and ``logits [S, vocab]`` into preallocated buffers, and `put` scatters the new
-rows into the cache. Details: docs/engine.md.
+chunks): the scheduler picks the tokens, `CausalCache.start_forward` assigns cells, a *runner* runs the
+graph and `put`s the new rows, and the sampled tokens go back to the scheduler. The runner is the only
+model-specific part, chosen from the graph's names (`names.match_convention`):
+
+- `NativeRunner` (`kvarray.ort.native`): kvarray's native pool-view graph; the pool view ``keys[:n_kv]``
+  of every layer and the plan's ``bias_before_put [T, n_kv + T]`` are bound zero-copy, the session writes
+  ``new_key`` / ``new_value`` ``[T, H, D]`` and ``logits [S, vocab]`` into preallocated buffers.
+- `OptimumRunner` (`kvarray.ort.optimum`): an Optimum decoder-only export; the batch's past is read from
+  the cache's gathered view into ``past_key_values.{i}.*`` and the new rows of ``present.{i}.*`` are put
+  back.
+
+Details: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numba
 import numpy as np
@@ -30,7 +38,6 @@ from ..causal import CacheStats, CausalCache
 from ..errors import (
     ConfigError,
     EmptyPrompt,
-    GraphMismatch,
     PromptTooLong,
     UnknownRequest,
     UnknownToken,
@@ -38,22 +45,32 @@ from ..errors import (
 )
 from ..export import GraphInfo, read_metadata
 from ..spec import KVSpec
-from .binding import Binder, OutputBuffers
-from .names import check_names, convention
+from ..views import ForwardPlan
+from .binding import Binder
+from .names import match_convention
+from .native import NativeRunner
+from .optimum import OptimumRunner, read_tokens
 from .sampling import SamplingParams, sample_rows
-from .scheduler import FinishReason, Request, RequestState, Scheduler, TokenEvent
+from .scheduler import Batch, FinishReason, Request, RequestState, Scheduler, TokenEvent
 from .tokenizer import load_tokenizer
 
-__all__ = ["Engine", "EngineConfig", "EngineMetrics", "KVDtype"]
-
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
+__all__ = ["Engine", "EngineConfig", "EngineMetrics", "GraphKind", "KVDtype", "NativeRunner", "Runner"]
 
 
 class KVDtype(str, enum.Enum):
     """Storage of the cache (and which native graph a model folder's engine loads)."""
 
     FLOAT32 = "float32"
+    FLOAT16 = "float16"
     INT8 = "int8"
+
+
+class GraphKind(str, enum.Enum):
+    """Which graph of a model folder `Engine.from_model_dir` loads."""
+
+    AUTO = "auto"  # native/ when it has the kv_dtype's graph, else optimum/
+    NATIVE = "native"  # native/decoder_step.pool.{kv_dtype}.onnx
+    OPTIMUM = "optimum"  # optimum/model.onnx (the cache stores kv_dtype; the runner gathers float32)
 
 
 @dataclass(frozen=True)
@@ -65,7 +82,9 @@ class EngineConfig:
         max_sequences: requests running at once.
         prefill_chunk: prompt tokens one request feeds per pass at most.
         max_batch_tokens: tokens per pass at most.
-        kv_dtype: float32 or int8 storage (`Engine.from_model_dir` loads the matching graph).
+        kv_dtype: float32, float16 or int8 storage. A native graph takes its own storage dtype
+            (`Engine.from_model_dir` loads the matching graph); under an Optimum graph the cache stores
+            kv_dtype and the gathered view converts it to the graph's dtype.
         window, sinks: sliding window and attention sinks of the cache (None: no window).
         prefix_sharing: share the cells of a common prompt prefix with a running request (off with a window).
         threads: ONNX Runtime intra-op threads (0: its default).
@@ -109,20 +128,48 @@ class EngineMetrics:
         return 0.0 if self.step_seconds == 0 else 1.0 - self.run_seconds / self.step_seconds
 
 
+class Runner(Protocol):
+    """The model-specific part of a pass: what the engine needs of a graph family.
+
+    `forward` runs the pass the cache's current plan describes (``plan`` from `CausalCache.start_forward`
+    over ``batch.seq_ids`` / ``batch.positions``), writes every layer's new keys and values with
+    `CausalCache.put`, and returns ``logits [len(batch.logits_index), vocab]`` float32 (rows of the flat
+    token indices ``batch.logits_index``) with the seconds spent inside ``session.run``.
+    """
+
+    kind: str  # "native" or "optimum"
+    spec: KVSpec
+    vocab_size: int
+    kv_dtype: str  # the cache's storage
+    group_size: int
+    tokens: dict[str, Any]  # bos / eos / pad ids from the graph's metadata or folder
+    binder: Binder
+
+    @property
+    def info(self) -> GraphInfo | None:
+        """kvarray's metadata of the graph (native graphs; None for Optimum exports)."""
+
+    def forward(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]: ...
+
+    def close(self) -> None: ...
+
+
 class Engine:
-    """Generation over one native decoder-step graph (Llama, pool view) with a `CausalCache`.
+    """Generation over one decoder graph (Llama: kvarray's native pool view, or an Optimum export) with a
+    `CausalCache`; the runner is chosen from the graph's names.
 
     Args:
-        graph: path of a ``decoder_step.pool.{float32,int8}.onnx`` exported by kvarray.
+        graph: a native ``decoder_step.pool.{float32,float16,int8}.onnx`` exported by kvarray, or an Optimum
+            decoder-only ``model.onnx`` (its folder's config.json / generation_config.json give the eos).
         config: `EngineConfig`.
         context: the model's context (max positions); None: unbounded.
         spec: the cache spec (None: the graph's own); a spec the graph does not match raises `GraphMismatch`.
-        eos_token_id: default stop token (None: the graph metadata's eos, if any).
+        eos_token_id: default stop token (None: the graph's eos, if any).
         tokenizer: optional, for `stream_text` / `generate_text`.
         providers: ONNX Runtime execution providers (default CPU).
 
-    Raises `GraphMismatch` (names or shapes against the spec, names listed), `UnsupportedModel` (an
-    encoder-decoder or gathered-view graph: not supported by the engine yet).
+    Raises `GraphMismatch` (names or shapes against the spec, names listed; names of no known convention),
+    `UnsupportedModel` (an encoder-decoder or gathered-view graph: not supported by the engine yet).
     """
 
     def __init__(
@@ -137,25 +184,15 @@ class Engine:
         providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.info: GraphInfo = read_metadata(graph)
-        if self.info.architecture != "llama" or self.info.view != "pool":
-            raise UnsupportedModel(
-                f"the engine runs decoder-only pool-view graphs; got {self.info.architecture!r} "
-                f"({self.info.graph}, view {self.info.view!r}): not supported yet"
-            )
-        self.spec = spec or self.info.spec
-        self.vocab_size = self.info.vocab_size
+        self.session = _open_session(graph, config, providers)
+        self.runner: Runner = _make_runner(self.session, Path(graph), config, spec)
+        self.info: GraphInfo | None = self.runner.info
+        self.spec = self.runner.spec
+        self.vocab_size = self.runner.vocab_size
         self.context = context
         self.tokenizer = tokenizer
-        eos = self.info.tokens.get("eos_token_id") if eos_token_id is None else eos_token_id
+        eos = self.runner.tokens.get("eos_token_id") if eos_token_id is None else eos_token_id
         self.eos: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        options = ort.SessionOptions()
-        if config.threads:
-            options.intra_op_num_threads = config.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(graph), options, providers=list(providers))
-        self._check_graph()
         window = config.window
         self.cache = CausalCache(
             self.spec,
@@ -163,8 +200,8 @@ class Engine:
             config.max_sequences,
             window=window,
             sinks=config.sinks,
-            kv_dtype=self.info.kv_dtype,
-            group_size=self.info.group_size,
+            kv_dtype=self.runner.kv_dtype,
+            group_size=self.runner.group_size,
             defrag_threshold=config.defrag_threshold,
             xp=np,
         )
@@ -181,23 +218,26 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.metrics = EngineMetrics()
         self._next_id = 0
-        self._setup_binding()
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, config: EngineConfig | None = None, **kwargs: Any
+        cls,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        graph: GraphKind | str = GraphKind.AUTO,
+        **kwargs: Any,
     ) -> Engine:
-        """An engine over ``MODEL_DIR/native/decoder_step.pool.{kv_dtype}.onnx``, with the tokenizer and
-        context (``max_position_embeddings``) of ``MODEL_DIR/checkpoint/``."""
+        """An engine over a model folder's graph, with the tokenizer and context
+        (``max_position_embeddings``) of ``MODEL_DIR/checkpoint/``.
+
+        `graph` (`GraphKind`): "native" loads ``native/decoder_step.pool.{kv_dtype}.onnx``, "optimum"
+        ``optimum/model.onnx``, "auto" the native graph when the folder has it, else the Optimum export.
+        Raises `UnsupportedModel` (no such graph; the message says how to export it).
+        """
         config = config or EngineConfig()
         folder = Path(model_dir)
-        kv = KVDtype(config.kv_dtype).value
-        graph = folder / "native" / f"decoder_step.pool.{kv}.onnx"
-        if not graph.is_file():
-            raise UnsupportedModel(
-                f"{graph} not found: export it with `kvarray export --arch llama "
-                f"{folder / 'checkpoint'} {folder / 'native'} --kv-dtype {kv}`"
-            )
+        kind = GraphKind(graph)
+        path = model_graph(folder, KVDtype(config.kv_dtype), kind)
         checkpoint = folder / "checkpoint"
         context = None
         if (checkpoint / "config.json").is_file():
@@ -205,7 +245,17 @@ class Engine:
         if "tokenizer" not in kwargs and (checkpoint / "tokenizer.json").is_file():
             kwargs["tokenizer"] = load_tokenizer(checkpoint)
         kwargs.setdefault("context", context)
-        return cls(graph, config, **kwargs)
+        return cls(path, config, **kwargs)
+
+    @property
+    def binder(self) -> Binder:
+        """The runner's IO binding (what each graph name is bound to)."""
+        return self.runner.binder
+
+    @property
+    def _new_keys(self) -> list[np.ndarray]:
+        """The last pass's new keys ``[T, H, D]`` per layer, as put into the cache."""
+        return self.runner.new_keys  # type: ignore[attr-defined]
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(
@@ -303,16 +353,9 @@ class Engine:
         if batch is None:
             return []
         plan = cache.start_forward(batch.seq_ids, batch.positions)
-        self._bind_step(plan, batch)
-        run_start = time.perf_counter()
-        self.binder.run()
-        run_time = time.perf_counter() - run_start
-        for layer in range(self.spec.num_layers):
-            cache.put(layer, self._new_keys[layer], self._new_values[layer])
+        logits, run_time = self.runner.forward(cache, plan, batch)
         rows = len(batch.sampled)
-        tokens = sample_rows(
-            self._logits[:rows], [r.params for r in batch.sampled], [r.rng for r in batch.sampled]
-        )
+        tokens = sample_rows(logits[:rows], [r.params for r in batch.sampled], [r.rng for r in batch.sampled])
         events = sched.commit(batch, tokens, self._limit)
         if not sched.waiting and not sched.running or any(e.finished for e in events):
             self._note_peak()  # cells in use only fall when requests leave: measure just before
@@ -358,7 +401,7 @@ class Engine:
 
     def close(self) -> None:
         """Release the cache's pools and the bindings."""
-        self.binder.clear()
+        self.runner.close()
         self.cache.close()
 
     # ---- internals ---------------------------------------------------------------------------------
@@ -384,90 +427,50 @@ class Engine:
         if self.cache.length(req.id):
             self.cache.remove(req.id)
 
-    def _check_graph(self) -> None:
-        """Names against the native convention for the spec's layers; shapes and dtypes against the spec."""
-        ins = {i.name: i for i in self.session.get_inputs()}
-        outs = {o.name: o for o in self.session.get_outputs()}
-        conv = convention("native-int8" if self.info.kv_dtype == "int8" else "native")
-        check_names(conv, self.spec.num_layers, list(ins), list(outs))
-        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
-        wrong = []
-        for i in range(self.spec.num_layers):
-            for name, where in (
-                (f"past_key.{i}", ins),
-                (f"past_value.{i}", ins),
-                (f"new_key.{i}", outs),
-                (f"new_value.{i}", outs),
-            ):
-                shape = list(where[name].shape)
-                if shape[1:] != [heads, dim]:
-                    wrong.append(f"{name} {shape} (expected [*, {heads}, {dim}])")
-            for name in (f"past_key.{i}", f"past_value.{i}"):
-                stored = _ORT_DTYPES.get(ins[name].type, ins[name].type)
-                if stored != self.info.kv_dtype:
-                    wrong.append(f"{name} {ins[name].type} (expected {self.info.kv_dtype})")
-        logits = list(outs["logits"].shape)
-        if logits[-1] != self.vocab_size:
-            wrong.append(f"logits {logits} (expected [*, {self.vocab_size}])")
-        if wrong:
-            raise GraphMismatch(f"the graph does not match the cache spec {self.spec}: " + "; ".join(wrong))
 
-    def _setup_binding(self) -> None:
-        layers = self.spec.num_layers
-        row = ((self.spec.num_kv_heads, self.spec.head_dim), np.float32)
-        shapes = {f"new_{kind}.{i}": row for i in range(layers) for kind in ("key", "value")}
-        shapes["logits"] = ((self.vocab_size,), np.float32)
-        self.binder = Binder(self.session)
-        self.outputs = OutputBuffers(np, shapes, rows=max(64, self.config.max_sequences))
-        self._inputs = OutputBuffers(
-            np, {n: ((), np.int64) for n in ("input_ids", "position_ids", "logits_index")}
+def model_graph(folder: Path, kv_dtype: KVDtype, kind: GraphKind) -> Path:
+    """The graph file of a model folder for `kv_dtype` and `kind` (see `Engine.from_model_dir`)."""
+    kv = KVDtype(kv_dtype).value
+    native = folder / "native" / f"decoder_step.pool.{kv}.onnx"
+    optimum = folder / "optimum" / "model.onnx"
+    if kind is GraphKind.NATIVE or (kind is GraphKind.AUTO and (native.is_file() or not optimum.is_file())):
+        if not native.is_file():
+            raise UnsupportedModel(
+                f"{native} not found: export it with `kvarray export --arch llama "
+                f"{folder / 'checkpoint'} {folder / 'native'} --kv-dtype {kv}`"
+            )
+        return native
+    if not optimum.is_file():
+        raise UnsupportedModel(f"{optimum} not found: export it with `optimum-cli export onnx --model ...`")
+    return optimum
+
+
+def _open_session(graph: str | Path, config: EngineConfig, providers: Sequence[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if config.threads:
+        options.intra_op_num_threads = config.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(graph), options, providers=list(providers))
+
+
+def _make_runner(
+    session: ort.InferenceSession, graph: Path, config: EngineConfig, spec: KVSpec | None
+) -> Runner:
+    """The runner of the convention the session's names match: native (kvarray metadata) or Optimum."""
+    match = match_convention([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    name = match.convention.name
+    if name in ("native", "native-int8"):
+        return NativeRunner(session, read_metadata(graph), spec, config.max_sequences)
+    if name == "optimum":
+        return OptimumRunner(
+            session,
+            match.num_layers,
+            spec=spec,
+            kv_dtype=KVDtype(config.kv_dtype).value,
+            tokens=read_tokens(graph.parent),
         )
-        self._past_names = [
-            [f"past_key.{i}", f"past_value.{i}", f"past_key_scale.{i}", f"past_value_scale.{i}"]
-            for i in range(layers)
-        ]
-        self._small: dict[str, np.ndarray] = {}
-        self._bound_n_kv = -1
-        self._bound_tokens = -1
-        self._bound_rows = -1
-        self._new_keys: list[np.ndarray] = []
-        self._new_values: list[np.ndarray] = []
-        self._logits = np.empty((0, self.vocab_size), np.float32)
-
-    def _bind_step(self, plan: Any, batch: Any) -> None:
-        """Bind what changed since the last pass: the small int64 inputs are copied into fixed buffers
-        (bound once per length), the pools once per n_kv, the outputs once per token / row count."""
-        binder, count, rows = self.binder, len(batch.tokens), len(batch.logits_index)
-        for name, values in (
-            ("input_ids", batch.tokens),
-            ("position_ids", batch.positions),
-            ("logits_index", batch.logits_index),
-        ):
-            buf = self._small.get(name)
-            if buf is None or len(buf) != len(values):  # the same view object while the length stays
-                buf = self._small[name] = self._inputs.view(name, len(values))
-            buf[:] = values
-            binder.bind_input(name, buf)
-        binder.bind_input("attention_bias", plan.bias_before_put)
-        if plan.n_kv != self._bound_n_kv:
-            int8 = self.info.kv_dtype == "int8"
-            for layer, names in enumerate(self._past_names):
-                view = self.cache.get(layer, "pool")
-                binder.bind_input(names[0], view.keys)
-                binder.bind_input(names[1], view.values)
-                if int8:
-                    binder.bind_input(names[2], view.key_scales)
-                    binder.bind_input(names[3], view.value_scales)
-            self._bound_n_kv = plan.n_kv
-        if count != self._bound_tokens:
-            out = self.outputs
-            self._new_keys = [out.view(f"new_key.{i}", count) for i in range(self.spec.num_layers)]
-            self._new_values = [out.view(f"new_value.{i}", count) for i in range(self.spec.num_layers)]
-            for i in range(self.spec.num_layers):
-                binder.bind_output(f"new_key.{i}", self._new_keys[i])
-                binder.bind_output(f"new_value.{i}", self._new_values[i])
-            self._bound_tokens = count
-        if rows != self._bound_rows:
-            self._logits = self.outputs.view("logits", rows)
-            binder.bind_output("logits", self._logits)
-            self._bound_rows = rows
+    raise UnsupportedModel(
+        f"the engine runs decoder-only graphs (native pool view or Optimum); {graph.name} has the "
+        f"{name!r} names: not supported yet"
+    )
