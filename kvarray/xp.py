@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailable, DeviceMismatch
+from .errors import BackendUnavailable, DeviceMismatch, DTypeMismatch
 
 BACKEND_ENV = "KVARRAY_BACKEND"
 BACKENDS = ("numpy", "cupy")
@@ -110,7 +110,7 @@ def from_dlpack(x: Any, xp: ModuleType | None = None) -> Any:
 
     Accepts NumPy and CuPy arrays, torch tensors, JAX arrays and any other DLPack producer. No copy is made
     when `x` already lives where `xp` computes; a host tensor asked for on the device (or the reverse) is
-    copied. Raises `DeviceMismatch` for objects that are neither DLPack producers nor array-likes.
+    copied. Raises `DTypeMismatch` for arrays whose dtype NumPy cannot represent (bfloat16, for one).
     """
     if xp is None:
         xp = require_cupy() if is_device_array(x) or _dlpack_on_device(x) else np
@@ -124,9 +124,14 @@ def from_dlpack(x: Any, xp: ModuleType | None = None) -> Any:
                 return np.from_dlpack(x)
             except (BufferError, TypeError, RuntimeError):
                 pass  # e.g. a tensor that requires grad, or an old producer: fall back to the buffer protocol
-        if hasattr(x, "detach"):  # torch tensors that refuse DLPack (requires_grad)
-            return x.detach().numpy()
-        return np.asarray(x)
+        try:
+            if hasattr(x, "detach"):  # torch tensors that refuse DLPack (requires_grad)
+                return x.detach().numpy()
+            return np.asarray(x)
+        except (TypeError, BufferError, RuntimeError) as exc:  # e.g. bfloat16: no NumPy equivalent
+            raise DTypeMismatch(
+                f"cannot view a {type(x).__name__} of dtype {getattr(x, 'dtype', '?')} as a NumPy array: {exc}"
+            ) from exc
     cupy = require_cupy()
     if xp is not cupy:
         raise DeviceMismatch(f"unknown array namespace {getattr(xp, '__name__', xp)!r}")
