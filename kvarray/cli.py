@@ -52,6 +52,13 @@ def _generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _transcribe(args: argparse.Namespace) -> int:
+    """Transcribe a WAV file with a Whisper model folder's native graphs (see docs/engine.md)."""
+    from .ort.cli_transcribe import run_transcribe
+
+    return run_transcribe(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvarray", description="KV caches for transformer inference")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
     from .ort.cli_generate import add_generate_arguments
 
-    generate = commands.add_parser("generate", help="generate text with a model folder's native graph")
+    generate = commands.add_parser("generate", help="generate text with a model folder's native or Optimum graph")
     add_generate_arguments(generate)
     generate.set_defaults(run=_generate)
+    from .ort.cli_transcribe import add_transcribe_arguments
+
+    transcribe = commands.add_parser("transcribe", help="transcribe a WAV file with a Whisper model folder")
+    add_transcribe_arguments(transcribe)
+    transcribe.set_defaults(run=_transcribe)
     return parser
 
 

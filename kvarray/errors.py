@@ -150,3 +150,8 @@ class UnknownRequest(KVArrayError, KeyError):
 
 class TokenizerError(KVArrayError, ValueError):
     """A model folder whose tokenizer cannot be read here (not byte-level and `tokenizers` not installed)."""
+
+
+class AudioFormatError(KVArrayError, ValueError):
+    """An audio file kvarray cannot read (not a PCM WAV, a sample width other than 16 bits, more than two
+    channels)."""

@@ -8,6 +8,7 @@ from .names import CONVENTIONS, Convention, check_names, match_convention
 from .optimum import OptimumRunner
 from .sampling import SamplingParams
 from .scheduler import FinishReason, Request, RequestState, TokenEvent
+from .seq2seq import Seq2SeqConfig, Seq2SeqEngine, Seq2SeqMetrics
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "RequestState",
     "Runner",
     "SamplingParams",
+    "Seq2SeqConfig",
+    "Seq2SeqEngine",
+    "Seq2SeqMetrics",
     "TokenEvent",
     "check_names",
     "device_name",

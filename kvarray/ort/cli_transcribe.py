@@ -1,0 +1,91 @@
+"""`kvarray transcribe WHISPER_DIR audio.wav ...`: the command's arguments and its run (imported lazily by
+kvarray.cli).
+
+Output: the generated token ids on one line (``ids: 50258 50259 ...``), then ``text: ...`` when the model
+folder's ``checkpoint/tokenizer.json`` has a byte-level vocabulary (the tiny test models have no real
+Whisper vocabulary, so their ids are the useful output), then a summary: audio length, encoder and decoder
+times, tokens/s and both caches' memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `kvarray transcribe`."""
+    parser.add_argument("model_dir", help="Whisper model folder with checkpoint/ and native/ graphs")
+    parser.add_argument("audio", help="a 16-bit PCM WAV file (mono or stereo; resampled to 16 kHz)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--prompt", type=int, nargs="*", default=None,
+        help="decoder prompt token ids (default: the decoder start token)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)"
+    )
+
+
+def _byte_tokenizer(model_dir: Path) -> Any:
+    """The folder's byte-level tokenizer, or None (no tokenizer.json, or another kind of vocabulary)."""
+    from .tokenizer import ByteTokenizer
+
+    path = model_dir / "checkpoint" / "tokenizer.json"
+    if not path.is_file():
+        return None
+    return ByteTokenizer.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def run_transcribe(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run `kvarray transcribe`; returns the exit status (1 on a kvarray error, printed to `err`)."""
+    from ..errors import KVArrayError
+    from .audio import SAMPLE_RATE, log_mel, read_wav
+    from .sampling import SamplingParams
+    from .seq2seq import Seq2SeqConfig, Seq2SeqEngine
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    model_dir = Path(args.model_dir)
+    try:
+        start = time.perf_counter()
+        samples = read_wav(args.audio)
+        engine = Seq2SeqEngine.from_model_dir(model_dir, Seq2SeqConfig(max_sequences=1, threads=args.threads))
+        if engine.architecture != "whisper":
+            print(f"kvarray transcribe: {model_dir} is a {engine.architecture} model, not Whisper", file=err)
+            return 1
+        features = log_mel(samples, engine.n_mels or 80)
+        feature_seconds = time.perf_counter() - start
+        params = SamplingParams(max_new_tokens=args.max_new_tokens)
+        rid = engine.add_request(features, args.prompt, params)
+        gen_start = time.perf_counter()
+        for _ in engine.stream():
+            pass
+        elapsed = time.perf_counter() - gen_start
+        req = engine.pop(rid)
+    except KVArrayError as exc:
+        print(f"kvarray transcribe: {type(exc).__name__}: {exc}", file=err)
+        return 1
+    print("ids: " + " ".join(str(t) for t in req.output), file=out)
+    tokenizer = _byte_tokenizer(model_dir)
+    if tokenizer is not None:
+        print("text: " + tokenizer.decode(req.output), file=out)
+    m, stats = engine.metrics, engine.stats()
+    seconds = len(samples) / SAMPLE_RATE
+    decode_time = max(elapsed - m.encoder_seconds, 1e-9)
+    print(
+        f"audio {seconds:.2f} s ({'trimmed to' if seconds > 30 else 'padded to'} 30 s), features "
+        f"{feature_seconds:.2f} s, encoder {m.encoder_seconds:.2f} s ({m.encoder_rows} cross rows), "
+        f"{m.generated_tokens} tokens in {decode_time:.2f} s ({m.generated_tokens / decode_time:.1f} tok/s), "
+        f"finish: {req.finish_reason.value if req.finish_reason else '?'}\n"
+        f"cache: decoder {stats.self_attention.bytes_per_token} B/token, peak cells {m.peak_cells}; "
+        f"cross {stats.cross.bytes_per_token[engine.modality]} B/row, cross view zero-copy in "
+        f"{m.cross_zero_copy_steps} of {m.steps} steps",
+        file=out,
+    )
+    engine.close()
+    return 0
