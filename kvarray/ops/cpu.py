@@ -1,10 +1,11 @@
 """Numba CPU kernels: the host fast path of every kernel in `kvarray.ops` (same names and signatures as
-`kvarray.ops.reference`; bit-identical results, except `rope_shift`'s sin/cos, see docs/kernels.md).
+`kvarray.ops.reference`; bit-identical results, see docs/kernels.md).
 
-The functions here are thin: they view the arrays as the kernels in `kvarray.ops.cpu_njit` want them (2-D
-rows; float16 as its uint16 bit pattern; raw row bytes and addresses for copies), compute derived values
-(group size, RoPE frequencies and pairing, int64 indices, the move strategy, whether to stream) and call
-one ``@njit`` kernel. Inputs are assumed valid (the public wrappers in `kvarray.ops` check them).
+The functions here are thin: they view the arrays as the kernels in `kvarray.ops.cpu_njit` (copies, RoPE)
+and `kvarray.ops.cpu_int8` (quantize, dequantize, int8 gather and RoPE) want them (2-D rows; float16 as
+its uint16 bit pattern; raw row bytes and addresses for copies), compute derived values (group size, the
+RoPE angles of each distinct delta and the pairing, int64 indices, the move strategy, whether to stream)
+and call one ``@njit`` kernel. Inputs are assumed valid (the public wrappers in `kvarray.ops` check them).
 Shapes: N pool rows (cells), H kv heads, D head_dim, T rows, S sequences, L padded length, C = H * D.
 """
 
@@ -18,6 +19,7 @@ import numba
 import numpy as np
 
 from ..spec import RopeSpec, RopeStyle
+from .cpu_int8 import dequantize_rows, gather_dequantize, quantize_rows, rope_int8
 from .cpu_njit import (
     MOVE_PIECE_BYTES,
     ROPE_GPTJ,
@@ -25,12 +27,8 @@ from .cpu_njit import (
     STREAM_BYTES,
     copy_blocks,
     copy_runs_in_order,
-    dequantize_rows,
     gather_copy,
-    gather_dequantize,
-    quantize_rows,
     rope_float,
-    rope_int8,
     scatter_convert,
     scatter_copy,
 )
@@ -144,18 +142,26 @@ def rope_shift(
     """Rotate the keys ``pool[cells[t]]`` (``pool [N, H, D]``) by ``deltas[t]`` positions of RoPE, in place.
 
     `cells` ``[T]`` distinct, `deltas` ``[T]`` integers; an int8 pool comes with ``scales [N, H * D // g]``
-    (dequantized, rotated in float64, re-quantized). Angles and rotation in float64, as the reference.
+    (dequantized, rotated in float64, re-quantized). Angles and rotation in float64, as the reference: the
+    cos/sin of each distinct delta's angles come from NumPy (as the reference's do), so the result is the
+    reference's bit for bit.
     """
     if len(cells) == 0:
         return
-    inv_freq = np.ascontiguousarray(rope.inv_freq(pool.shape[2]), dtype=np.float64)
+    dim = pool.shape[2]
+    inv_freq = np.asarray(rope.inv_freq(dim), dtype=np.float64)
     style = ROPE_NEOX if rope.style is RopeStyle.NEOX else ROPE_GPTJ
-    cells64, deltas64 = _index(cells), _index(deltas)
+    # the angles of each distinct delta, by NumPy as in the reference (a shift moves many cells by one delta)
+    distinct, which = np.unique(_index(deltas), return_inverse=True)
+    angle = distinct.astype(np.float64)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(angle), np.sin(angle)
+    cells64, which64 = _index(cells), _index(which.reshape(-1))
+    flat = pool.reshape(pool.shape[0], -1)
     with _schedule(len(cells) * pool[0].nbytes):
         if scales is None:
-            rope_float(_bits(pool), cells64, deltas64, inv_freq, style)
+            rope_float(_bits(flat), dim, cells64, which64, cos, sin, style)
         else:
-            rope_int8(pool, _bits(scales), cells64, deltas64, inv_freq, style)
+            rope_int8(flat, dim, _bits(scales), cells64, which64, cos, sin, style)
 
 
 def move_rows(pools: Sequence[np.ndarray], src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> None:

@@ -1,5 +1,6 @@
-"""The ``@numba.njit`` kernels behind `kvarray.ops.cpu` and the helpers they inline (one file on purpose:
-Numba's on-disk cache notices edits only to the file of a cached function).
+"""The ``@numba.njit`` copy and RoPE kernels behind `kvarray.ops.cpu`, and the bit-level helpers that they
+and the int8 kernels of `kvarray.ops.cpu_int8` inline. Numba's on-disk cache notices edits only to the file
+of a cached function: after editing a helper here, touch `cpu_int8.py` too (or clear ``__pycache__``).
 
 Kernels decide nothing: `kvarray.ops.cpu` views the arrays as they want them (2-D rows; float16 as its
 uint16 bit pattern, since Numba's CPU target has no float16; raw row bytes and addresses for copies), picks
@@ -218,14 +219,12 @@ def _f32_to_half(f):
 
 @_serial
 def _f64_to_half(d):
-    """float64 value -> float16 bits with one rounding (float32 rounded to odd first, then to even)."""
+    """float64 value -> float16 bits with one rounding (float32 rounded to odd first, then to even). Written
+    with selects, not branches, so loops over it vectorize."""
     f = np.float32(d)
-    if np.float64(f) != d and f == f:
-        u = _f32_bits(f)
-        if abs(np.float64(f)) > abs(d):
-            u -= np.uint32(1)
-        f = _bits_f32(u | np.uint32(1))
-    return _f32_to_half(f)
+    u = _f32_bits(f)
+    odd = _bits_f32((u - np.uint32(1) if abs(np.float64(f)) > abs(d) else u) | np.uint32(1))
+    return _f32_to_half(odd if (np.float64(f) != d) & (f == f) else f)
 
 
 def _to_f32(v):
@@ -262,101 +261,6 @@ def _from_f64_impl(v, like):
     if like.dtype == types.uint16:
         return lambda v, like: _f64_to_half(v)
     return lambda v, like: np.float32(v)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# int8 groups
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _absmax(x, t, begin, group):
-    """Kernel helper: the largest |x| of ``x[t, begin:begin + group]`` (float16 bits or float32) as float32.
-
-    Computed on bit patterns (an integer max vectorizes; NaN patterns sort above inf, so a NaN anywhere
-    gives NaN, as NumPy's max does). Indices are unsigned: no negative-index wraparound in the loop."""
-    raise NotImplementedError("only callable from Numba kernels")
-
-
-@overload(_absmax)
-def _absmax_impl(x, t, begin, group):
-    if x.dtype == types.uint16:
-
-        def half_absmax(x, t, begin, group):
-            m = np.uint16(0)
-            for j in range(group):
-                m = _max_abs_bits(m, x[t, begin + j])
-            return _half_to_f32(m)
-
-        return half_absmax
-
-    def float_absmax(x, t, begin, group):
-        m = np.uint32(0)
-        for j in range(group):
-            m = _max_abs_bits(m, x[t, begin + j])
-        return _bits_f32(m)
-
-    return float_absmax
-
-
-@_serial
-def _quantize_row(x, t, q, s, c, group, divisor):
-    """Quantize row ``x[t] [C]`` (float16 bits or float32) into ``q[c] [C]`` int8 and ``s[c] [C // g]``
-    float16 bits; `t`, `c` and `group` are uint64, ``divisor [C]`` float32 is scratch (each value's scale,
-    so the division loop runs over the whole row and vectorizes without a remainder per group)."""
-    values = np.uint64(x.shape[1])
-    unusable = False
-    for k in range(np.uint64(s.shape[1])):
-        begin = k * group
-        absmax = _absmax(x, t, begin, group)
-        bits = _f32_to_half(absmax / np.float32(127.0))
-        if bits == 0 and absmax > 0:
-            bits = np.uint16(HALF_TINY)
-        elif bits == HALF_INF:
-            bits = np.uint16(HALF_MAX)
-        s[c, k] = bits
-        scale = _half_to_f32(bits)
-        if not scale > 0:  # an all-zero group (scale 0) or a NaN group: zeros, written below
-            unusable = True
-            scale = np.float32(1.0)
-        for j in range(group):
-            divisor[begin + j] = scale
-    for j in range(values):
-        r = np.rint(_to_f32(x[t, j]) / divisor[j])
-        r = r if r > np.float32(-127.0) else np.float32(-127.0)
-        q[c, j] = np.int8(r if r < np.float32(127.0) else np.float32(127.0))
-    if unusable:
-        for k in range(np.uint64(s.shape[1])):
-            if not _half_to_f32(s[c, k]) > 0:
-                for j in range(k * group, (k + np.uint64(1)) * group):
-                    q[c, j] = 0
-
-
-@_parallel
-def quantize_rows(x, cells, q, scales):
-    """``q[cells[t]], scales[cells[t]] = quantize(x[t])``; ``x [T, C]``, ``q [N, C]``, ``scales [N, G]``.
-    Work items are blocks of `COPY_BLOCK` rows."""
-    group = np.uint64(x.shape[1] // scales.shape[1])
-    n_rows = x.shape[0]
-    for block in prange((n_rows + COPY_BLOCK - 1) // COPY_BLOCK):
-        divisor = np.empty(x.shape[1], np.float32)
-        for t in range(block * COPY_BLOCK, min(n_rows, (block + 1) * COPY_BLOCK)):
-            c = cells[t]
-            if 0 <= c < q.shape[0]:
-                _quantize_row(x, np.uint64(t), q, scales, np.uint64(c), group, divisor)
-
-
-@_parallel
-def dequantize_rows(q, scales, out):
-    """``out[r] = float32(q[r]) * float32(scale of the group)``; ``q, out [R, C]``, ``scales [R, G]``."""
-    group = np.uint64(q.shape[1] // scales.shape[1])
-    n_rows = q.shape[0]
-    for block in prange((n_rows + COPY_BLOCK - 1) // COPY_BLOCK):
-        factor = np.empty(q.shape[1], np.float32)
-        for r in range(block * COPY_BLOCK, min(n_rows, (block + 1) * COPY_BLOCK)):
-            row = np.uint64(r)
-            _expand_scales(scales, row, group, factor)
-            for j in range(np.uint64(q.shape[1])):
-                out[row, j] = _from_f32(np.float32(q[row, j]) * factor[j], out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,45 +318,6 @@ def gather_copy(pool, indptr, indices, out, stream):
                         out[s, h, j, b] = 0
         if stream:
             _store_fence()
-
-
-@_serial
-def _expand_scales(scales, cell, group, factor):
-    """``factor[v] = float32(scales[cell, v // g])`` for the C values of one row (``factor [C]`` float32)."""
-    for k in range(np.uint64(scales.shape[1])):
-        scale = _half_to_f32(scales[cell, k])
-        for v in range(group):
-            factor[k * group + v] = scale
-
-
-@_parallel
-def gather_dequantize(pool, scales, indptr, indices, out):
-    """Like `gather_copy` from an int8 ``pool [N, C]`` with ``scales [N, G]`` into float ``out [S, H, L, D]``
-    (float16 bits or float32): ``float32(q) * float32(scale)`` then rounded to out's dtype."""
-    n_seq, heads, length, dim = out.shape
-    flat = out.reshape(n_seq * heads * length, dim)
-    group = np.uint64(pool.shape[1] // scales.shape[1])
-    blocks = (length + GATHER_BLOCK - 1) // GATHER_BLOCK
-    for item in prange(n_seq * blocks):
-        s = item // blocks
-        begin = (item % blocks) * GATHER_BLOCK
-        first = indptr[s]
-        used = min(indptr[s + 1] - first, length)
-        factor = np.empty(pool.shape[1], np.float32)
-        for j in range(begin, min(begin + GATHER_BLOCK, length)):
-            c = indices[first + j] if j < used else NO_CELL
-            if 0 <= c < pool.shape[0]:
-                cell = np.uint64(c)
-                _expand_scales(scales, cell, group, factor)
-            for h in range(heads):
-                at = np.uint64((s * heads + h) * length + j)
-                base = np.uint64(h * dim)
-                if 0 <= c < pool.shape[0]:
-                    for d in range(np.uint64(dim)):
-                        flat[at, d] = _from_f32(np.float32(pool[cell, base + d]) * factor[base + d], flat)
-                else:
-                    for d in range(np.uint64(dim)):
-                        flat[at, d] = 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -517,57 +382,32 @@ def copy_runs_in_order(base, row_bytes, n_rows, src_row, dst_row, count):
 
 
 @_serial
-def _pair(i, half, style):
-    """The two values of rotating pair i: (i, i + half) for NeoX, (2 i, 2 i + 1) for GPT-J."""
-    if style == ROPE_NEOX:
-        return i, i + half
-    return 2 * i, 2 * i + 1
+def _rotate_head(x, xrow, at, cos, sin, u, half, style, like):
+    """Rotate the pairs of the head at ``x[xrow, at:at + D]`` (float16 bits or float32) by the angles
+    ``cos[u], sin[u]`` (``[half]`` float64), in float64, rounding back to `like`'s dtype."""
+    if style == ROPE_NEOX:  # contiguous halves: the loop vectorizes
+        for i in range(half):
+            a = np.float64(_to_f32(x[xrow, at + i]))
+            b = np.float64(_to_f32(x[xrow, at + i + half]))
+            x[xrow, at + i] = _from_f64(a * cos[u, i] - b * sin[u, i], like)
+            x[xrow, at + i + half] = _from_f64(a * sin[u, i] + b * cos[u, i], like)
+    else:
+        for i in range(half):
+            a = np.float64(_to_f32(x[xrow, at + 2 * i]))
+            b = np.float64(_to_f32(x[xrow, at + 2 * i + 1]))
+            x[xrow, at + 2 * i] = _from_f64(a * cos[u, i] - b * sin[u, i], like)
+            x[xrow, at + 2 * i + 1] = _from_f64(a * sin[u, i] + b * cos[u, i], like)
 
 
 @_parallel
-def rope_float(pool, cells, deltas, inv_freq, style):
-    """Rotate ``pool[cells[t]]`` (``[N, H, D]`` float16 bits or float32) by ``deltas[t]`` positions."""
-    half = inv_freq.shape[0]
+def rope_float(pool, dim, cells, which, cos, sin, style):
+    """Rotate each head of ``pool[cells[t]]`` (``[N, C]`` float16 bits or float32, heads of `dim` values) by
+    the angles ``cos[which[t]], sin[which[t]]`` (``[U, half]`` float64, one row per distinct delta)."""
+    half = np.uint64(cos.shape[1])
     for t in prange(cells.shape[0]):
         c = cells[t]
-        if not 0 <= c < pool.shape[0]:
-            continue
-        angle = np.float64(deltas[t]) * inv_freq
-        cos, sin = np.cos(angle), np.sin(angle)
-        for h in range(pool.shape[1]):
-            for i in range(half):
-                ia, ib = _pair(i, half, style)
-                a = np.float64(_to_f32(pool[c, h, ia]))
-                b = np.float64(_to_f32(pool[c, h, ib]))
-                pool[c, h, ia] = _from_f64(a * cos[i] - b * sin[i], pool)
-                pool[c, h, ib] = _from_f64(a * sin[i] + b * cos[i], pool)
-
-
-@_parallel
-def rope_int8(pool, scales, cells, deltas, inv_freq, style):
-    """Rotate int8 keys ``pool[cells[t]]`` (``[N, H, D]``, ``scales [N, G]`` float16 bits): dequantize,
-    rotate in float64, round to float32 and quantize again."""
-    half = inv_freq.shape[0]
-    heads, dim = pool.shape[1], pool.shape[2]
-    values = heads * dim
-    group = values // scales.shape[1]
-    for t in prange(cells.shape[0]):
-        c = cells[t]
-        if not 0 <= c < pool.shape[0]:
-            continue
-        angle = np.float64(deltas[t]) * inv_freq
-        cos, sin = np.cos(angle), np.sin(angle)
-        q = pool[c].reshape(values)
-        x = np.empty((1, values), np.float32)
-        for v in range(values):
-            x[0, v] = np.float32(q[v]) * _half_to_f32(scales[c, v // group])
-        for h in range(heads):
-            for i in range(half):
-                ia, ib = _pair(i, half, style)
-                a, b = np.float64(x[0, h * dim + ia]), np.float64(x[0, h * dim + ib])
-                x[0, h * dim + ia] = np.float32(a * cos[i] - b * sin[i])
-                x[0, h * dim + ib] = np.float32(a * sin[i] + b * cos[i])
-        flat = pool.reshape(pool.shape[0], values)
-        _quantize_row(
-            x, np.uint64(0), flat, scales, np.uint64(c), np.uint64(group), np.empty(values, np.float32)
-        )
+        if 0 <= c < pool.shape[0]:
+            for h in range(np.uint64(pool.shape[1] // dim)):
+                _rotate_head(
+                    pool, np.uint64(c), h * np.uint64(dim), cos, sin, np.uint64(which[t]), half, style, pool
+                )

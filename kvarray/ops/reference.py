@@ -28,7 +28,7 @@ FLOAT16_MAX = np.float16(65504.0)
 def _quantize_groups(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Quantize rows ``x [R, C]`` (any float dtype) in `groups` groups per row -> ``(q [R, C], s [R, groups])``."""
     rows = x.shape[0]
-    g = x.reshape(rows, groups, -1).astype(np.float32)
+    g = x.reshape(rows, groups, x.shape[1] // groups).astype(np.float32)  # explicit sizes: rows may be 0
     absmax = np.abs(g).max(axis=2) if g.shape[2] else np.zeros((rows, groups), np.float32)
     scale = (absmax / np.float32(127)).astype(np.float16)
     scale = np.where((scale == 0) & (absmax > 0), FLOAT16_TINY, scale)
@@ -43,8 +43,14 @@ def _quantize_groups(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray
 def _dequantize_groups(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Float32 values of rows ``q [R, C]`` int8 with ``scales [R, groups]`` float16."""
     rows, groups = scales.shape
-    g = q.reshape(rows, groups, -1).astype(np.float32) * scales.astype(np.float32)[:, :, None]
+    g = q.reshape(rows, groups, q.shape[1] // groups).astype(np.float32)
+    g = g * scales.astype(np.float32)[:, :, None]
     return g.reshape(q.shape)
+
+
+def _row_values(a: np.ndarray) -> int:
+    """C, the values in one row of ``a [R, ...]`` (``reshape(R, -1)`` cannot infer it when R is 0)."""
+    return int(np.prod(a.shape[1:], dtype=np.int64))
 
 
 def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
@@ -53,16 +59,16 @@ def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
     C is the number of values in one row (``prod(x.shape[1:])``); each row is cut into ``scales.shape[1]``
     groups of g consecutive values.
     """
-    rows = x.shape[0]
-    qq, s = _quantize_groups(x.reshape(rows, -1), scales.shape[1])
-    q.reshape(rows, -1)[...] = qq
+    rows, values = x.shape[0], _row_values(x)
+    qq, s = _quantize_groups(x.reshape(rows, values), scales.shape[1])
+    q.reshape(rows, values)[...] = qq
     scales[...] = s
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
     """Dequantize ``q [R, ...]`` int8 with ``scales [R, C // g]`` float16 into ``out`` (q's shape, float)."""
-    rows = q.shape[0]
-    out.reshape(rows, -1)[...] = _dequantize_groups(q.reshape(rows, -1), scales).astype(out.dtype)
+    rows, values = q.shape[0], _row_values(q)
+    out.reshape(rows, values)[...] = _dequantize_groups(q.reshape(rows, values), scales).astype(out.dtype)
 
 
 def scatter_rows(

@@ -117,15 +117,13 @@ def test_quantize_and_dequantize_match_reference(
     got_s = np.zeros((n, h * d // shape["group"]), np.float16)
     want_s = got_s.copy()
     cpu.quantize_int8(x, got_q, got_s)
-    if n:  # the reference cannot reshape zero rows to [0, -1]
-        reference.quantize_int8(x, want_q, want_s)
+    reference.quantize_int8(x, want_q, want_s)
     assert same_bits(got_q, want_q) and same_bits(got_s, want_s)
     assert_int8_error_bound(x, got_q, got_s)
     got_x, want_x = np.zeros(x.shape, out_dtype), np.zeros(x.shape, out_dtype)
     cpu.dequantize_int8(got_q, got_s, got_x)
     with np.errstate(over="ignore"):
-        if n:
-            reference.dequantize_int8(want_q, want_s, want_x)
+        reference.dequantize_int8(want_q, want_s, want_x)
     assert same_bits(got_x, want_x)
 
 
@@ -176,6 +174,51 @@ def test_half_conversions_match_numpy_on_every_float16() -> None:
     assert same_bits(back, every)
 
 
+@pytest.mark.parametrize("group", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantize_ties_match_reference(group: int, dtype: type) -> None:
+    """Values at and next to half-integer multiples of their scale: ``rint`` ties go to even, and the
+    kernels' fixed-size (g = 32) and general group loops round exactly as the reference."""
+    rng = np.random.default_rng(group)
+    rows = 64
+    scale = rng.choice([2.0**-24, 2.0**-14, 0.01, 1.0, 3.0, 65504 / 127], (rows, 1)).astype(np.float16)
+    steps = rng.integers(-127, 127, (rows, 4 * group)) + 0.5
+    x = (steps * scale.astype(np.float64)).astype(dtype)
+    x[:, ::3] = np.nextafter(x[:, ::3], np.inf)
+    x[:, 1::3] = np.nextafter(x[:, 1::3], -np.inf)
+    x[:, ::group] = np.minimum(127 * scale.astype(np.float32), 65504).astype(dtype)  # absmax: 127 steps
+    got_q, got_s = np.zeros(x.shape, np.int8), np.zeros((rows, 4), np.float16)
+    want_q, want_s = got_q.copy(), got_s.copy()
+    cpu.quantize_int8(x, got_q, got_s)
+    reference.quantize_int8(x, want_q, want_s)
+    assert same_bits(got_q, want_q) and same_bits(got_s, want_s)
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
+def test_dequantize_special_scales_match_reference(out_dtype: type) -> None:
+    """Scales that are inf, NaN, subnormal or the largest float16 (with q = 0, -128 and 127) take the kernels'
+    value-by-value path; finite ones the vector path. Both give the reference's bits."""
+    special = [np.inf, -np.inf, np.nan, 2.0**-24, 2.0**-15, 65504.0, -2.0, 0.0, -0.0, 1.0]
+    scales = np.array(special * 4, np.float16).reshape(10, 4)
+    q = np.random.default_rng(3).integers(-128, 128, (10, 4 * 32)).astype(np.int8)
+    q[:, ::7], q[:, 1::9], q[:, 2::11] = 0, -128, 127
+    got, want = np.zeros(q.shape, out_dtype), np.zeros(q.shape, out_dtype)
+    cpu.dequantize_int8(q, scales, got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        reference.dequantize_int8(q, scales, want)
+    assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantize_and_dequantize_zero_rows(dtype: type) -> None:
+    """R = 0: the kernels and the reference write nothing and raise nothing."""
+    x, q, s = np.zeros((0, 4, 32), dtype), np.zeros((0, 4, 32), np.int8), np.zeros((0, 4), np.float16)
+    for kernels in (cpu, reference):
+        kernels.quantize_int8(x, q, s)
+        kernels.dequantize_int8(q, s, x)
+    assert x.shape == (0, 4, 32) and q.shape == (0, 4, 32) and s.shape == (0, 4)
+
+
 # --- gather -------------------------------------------------------------------------------------------------
 
 
@@ -207,6 +250,28 @@ def test_gather_rows_matches_reference(
         pool = pool.astype(pool_dtype)
         out_dtype = pool_dtype
     got = np.full((len(lengths), h, padded, d), 7, out_dtype)
+    want = got.copy()
+    cpu.gather_rows(pool, indptr, indices, got, scales)
+    with np.errstate(over="ignore"):
+        reference.gather_rows(pool, indptr, indices, want, scales)
+    assert same_bits(got, want)
+
+
+@pytest.mark.parametrize(
+    "heads, dim, group",
+    [(2, 128, 32), (2, 128, 16), (2, 128, 64), (2, 80, 32), (3, 64, 192), (1, 80, 16)],
+)
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
+def test_gather_int8_group_layouts(heads: int, dim: int, group: int, out_dtype: type) -> None:
+    """Every path of the int8 gather: g = 32 inside a head (fixed-size loops), other groups inside a head,
+    and groups spanning two heads (D = 80 with g = 32; g = 192 over three heads of 64); padding included."""
+    rng = np.random.default_rng(dim + group)
+    n = 9
+    x = values(rng, (n, heads, dim), np.float32, wild=True)
+    pool, scales = np.zeros(x.shape, np.int8), np.zeros((n, heads * dim // group), np.float16)
+    reference.quantize_int8(x, pool, scales)
+    indptr, indices = np.array([0, 5, 5, 9]), rng.integers(0, n, 9)
+    got = np.full((3, heads, 6, dim), 7, out_dtype)
     want = got.copy()
     cpu.gather_rows(pool, indptr, indices, got, scales)
     with np.errstate(over="ignore"):
@@ -333,6 +398,41 @@ def test_rope_shift_matches_reference(
         assert (np.abs(a - b) <= 1.01 * step).all()
 
 
+@SETTINGS
+@given(
+    shape=pool_shapes(),
+    dtype=st.sampled_from(FLOATS + (np.int8,)),
+    style=st.sampled_from(list(RopeStyle)),
+    partial=st.booleans(),
+    shared=st.booleans(),
+)
+def test_rope_shift_is_bit_identical(
+    shape: dict, dtype: type, style: RopeStyle, partial: bool, shared: bool
+) -> None:
+    """The CPU kernel takes its angles' cos/sin from NumPy, one row per distinct delta (`shared`: a context
+    shift, every cell by one delta), and rotates without fused multiply-adds: the reference's bits."""
+    rng = np.random.default_rng(shape["seed"])
+    n, h, d = shape["cells"], shape["heads"], shape["dim"]
+    rope = RopeSpec(theta=10000.0, rotary_dim=d // 2 if partial else None, style=style)
+    cells = rng.permutation(n)[: rng.integers(0, n + 1)]
+    deltas = np.full(len(cells), -7) if shared else rng.integers(-3000, 3000, len(cells))
+    pool = values(rng, (n, h, d), np.float32, wild=False)
+    scales = None
+    if dtype == np.int8:
+        scales = np.zeros((n, h * d // shape["group"]), np.float16)
+        q = np.zeros(pool.shape, np.int8)
+        reference.quantize_int8(pool, q, scales)
+        pool = q
+    pool = pool.astype(dtype)
+    got, want = pool.copy(), pool.copy()
+    got_s, want_s = (None, None) if scales is None else (scales.copy(), scales.copy())
+    cpu.rope_shift(got, cells, deltas, rope, got_s)
+    reference.rope_shift(want, cells, deltas, rope, want_s)
+    assert same_bits(got, want)
+    if scales is not None:
+        assert same_bits(got_s, want_s)
+
+
 # --- tables: values encode their coordinates (100 * cell + 10 * head + dim) ---------------------------------
 
 
@@ -417,4 +517,7 @@ def test_empty_inputs_change_nothing() -> None:
     cpu.move_rows([pool, scales], none, none, none)
     cpu.rope_shift(pool, none, none, RopeSpec(), scales)
     cpu.quantize_int8(np.zeros((0, 32), np.float32), np.zeros((0, 32), np.int8), np.zeros((0, 1), np.float16))
+    cpu.dequantize_int8(
+        np.zeros((0, 32), np.int8), np.zeros((0, 1), np.float16), np.zeros((0, 32), np.float32)
+    )
     assert (pool == 1).all() and (scales == 1).all()
