@@ -12,7 +12,7 @@ Shapes: N pool rows (cells), H kv heads, D head_dim, T rows, S sequences, L padd
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import numba
@@ -35,16 +35,25 @@ from .cpu_njit import (
 
 __all__ = ["dequantize_int8", "gather_rows", "move_rows", "quantize_int8", "rope_shift", "scatter_rows"]
 
-#: Calls moving at least this many bytes hand work items out dynamically (see `_schedule`).
+#: Calls moving fewer bytes than this run the serial twin of their kernel (no thread wake-up, see
+#: `cpu_njit._parallel`); a decode step's put of 64 rows of 2 KiB stays below it.
+PARALLEL_BYTES = 256 << 10
+#: Calls moving at least this many bytes hand work items out dynamically (see `_launch`).
 DYNAMIC_BYTES = 1 << 20
 
 
-def _schedule(nbytes: int) -> AbstractContextManager[Any]:
-    """Large calls run their kernel with work items handed out one at a time (``numba.parallel_chunksize(1)``)
-    instead of one static slice per thread, so a thread the OS pauses (a busy machine) does not hold up the
-    others; work items are blocks (64 rows, 64 positions, 64 KiB), so this costs nothing measurable. Small
-    calls skip the few microseconds the switch costs."""
-    return numba.parallel_chunksize(1) if nbytes >= DYNAMIC_BYTES else nullcontext()
+def _launch(kernel: Any, nbytes: int, *args: Any) -> None:
+    """Run `kernel` on `args`, sized by the `nbytes` the call moves.
+
+    Small calls run the kernel's serial twin. Large calls run in parallel with work items handed out one at
+    a time (``numba.parallel_chunksize(1)``) instead of one static slice per thread, so a thread the OS
+    pauses (a busy machine) does not hold up the others; work items are blocks (64 rows, 64 positions,
+    64 KiB), so this costs nothing measurable."""
+    if nbytes < PARALLEL_BYTES:
+        kernel.serial(*args)
+        return
+    with numba.parallel_chunksize(1) if nbytes >= DYNAMIC_BYTES else nullcontext():
+        kernel(*args)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -74,16 +83,16 @@ def scatter_rows(
     if n_rows == 0:
         return
     cells64 = _index(cells)
-    with _schedule(rows.nbytes):
-        if scales is not None:
-            flat = pool.reshape(pool.shape[0], -1)
-            quantize_rows(_bits(rows).reshape(n_rows, -1), cells64, flat, _bits(scales))
-        elif rows.dtype == pool.dtype:
-            stream = rows.nbytes >= STREAM_BYTES
-            scatter_copy(_row_bytes(pool, pool.shape[0]), _row_bytes(rows, n_rows), cells64, stream)
-        else:
-            flat = _bits(pool).reshape(pool.shape[0], -1)
-            scatter_convert(flat, _bits(rows).reshape(n_rows, -1), cells64)
+    nbytes = rows.nbytes
+    if scales is not None:
+        flat = pool.reshape(pool.shape[0], -1)
+        _launch(quantize_rows, nbytes, _bits(rows).reshape(n_rows, -1), cells64, flat, _bits(scales))
+    elif rows.dtype == pool.dtype:
+        stream = nbytes >= STREAM_BYTES
+        _launch(scatter_copy, nbytes, _row_bytes(pool, pool.shape[0]), _row_bytes(rows, n_rows), cells64, stream)
+    else:
+        flat = _bits(pool).reshape(pool.shape[0], -1)
+        _launch(scatter_convert, nbytes, flat, _bits(rows).reshape(n_rows, -1), cells64)
 
 
 def gather_rows(
@@ -103,18 +112,19 @@ def gather_rows(
         return
     indptr64, indices64 = _index(indptr), _index(indices)
     size = dim * out.itemsize
-    with _schedule(out.nbytes):
-        if scales is not None:
-            flat = pool.reshape(pool.shape[0], -1)
-            gather_dequantize(flat, _bits(scales), indptr64, indices64, _bits(out))
-        else:
-            gather_copy(
-                _row_bytes(pool, pool.shape[0]).reshape(pool.shape[0], heads, size),
-                indptr64,
-                indices64,
-                _row_bytes(out, n_seq).reshape(n_seq, heads, length, size),
-                out.nbytes >= STREAM_BYTES,
-            )
+    if scales is not None:
+        flat = pool.reshape(pool.shape[0], -1)
+        _launch(gather_dequantize, out.nbytes, flat, _bits(scales), indptr64, indices64, _bits(out))
+    else:
+        _launch(
+            gather_copy,
+            out.nbytes,
+            _row_bytes(pool, pool.shape[0]).reshape(pool.shape[0], heads, size),
+            indptr64,
+            indices64,
+            _row_bytes(out, n_seq).reshape(n_seq, heads, length, size),
+            out.nbytes >= STREAM_BYTES,
+        )
 
 
 def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
@@ -122,9 +132,8 @@ def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
     n_rows = x.shape[0]
     if n_rows == 0 or x.size == 0:
         return
-    with _schedule(x.nbytes):
-        cells = np.arange(n_rows, dtype=np.int64)
-        quantize_rows(_bits(x).reshape(n_rows, -1), cells, q.reshape(n_rows, -1), _bits(scales))
+    cells = np.arange(n_rows, dtype=np.int64)
+    _launch(quantize_rows, x.nbytes, _bits(x).reshape(n_rows, -1), cells, q.reshape(n_rows, -1), _bits(scales))
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
@@ -132,8 +141,7 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
     n_rows = q.shape[0]
     if n_rows == 0 or q.size == 0:
         return
-    with _schedule(out.nbytes):
-        dequantize_rows(q.reshape(n_rows, -1), _bits(scales), _bits(out).reshape(n_rows, -1))
+    _launch(dequantize_rows, out.nbytes, q.reshape(n_rows, -1), _bits(scales), _bits(out).reshape(n_rows, -1))
 
 
 def rope_shift(
@@ -157,11 +165,11 @@ def rope_shift(
     cos, sin = np.cos(angle), np.sin(angle)
     cells64, which64 = _index(cells), _index(which.reshape(-1))
     flat = pool.reshape(pool.shape[0], -1)
-    with _schedule(len(cells) * pool[0].nbytes):
-        if scales is None:
-            rope_float(_bits(flat), dim, cells64, which64, cos, sin, style)
-        else:
-            rope_int8(flat, dim, _bits(scales), cells64, which64, cos, sin, style)
+    nbytes = len(cells) * pool[0].nbytes
+    if scales is None:
+        _launch(rope_float, nbytes, _bits(flat), dim, cells64, which64, cos, sin, style)
+    else:
+        _launch(rope_int8, nbytes, flat, dim, _bits(scales), cells64, which64, cos, sin, style)
 
 
 def move_rows(pools: Sequence[np.ndarray], src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> None:
@@ -200,26 +208,25 @@ def move_rows(pools: Sequence[np.ndarray], src: np.ndarray, dst: np.ndarray, len
     def copy(frm: np.ndarray, to: np.ndarray, frm_rows: np.ndarray, to_rows: np.ndarray, runs: tuple) -> None:
         """Copy the runs ``(from_row, to_row, count)`` between the arrays at addresses `frm` and `to`."""
         from_row, to_row, n = _pieces(runs[0], runs[1], runs[2], piece)
-        copy_blocks(frm, to, row_bytes, frm_rows, to_rows, from_row, to_row, n, stream)
+        _launch(copy_blocks, moved, frm, to, row_bytes, frm_rows, to_rows, from_row, to_row, n, stream)
 
-    with _schedule(moved):
-        if not staged.any():
-            copy(base, base, rows, rows, (src, dst, count))
-        elif (dst <= src).all():
-            copy_runs_in_order(base, row_bytes, rows, src, dst, count)
-        else:
-            staged_count = count[staged]
-            staged_at = np.cumsum(staged_count) - staged_count
-            total = int(staged_count.sum())
-            scratch = np.empty(total * int(row_bytes.sum()), dtype=np.uint8)
-            offsets = total * (np.cumsum(row_bytes) - row_bytes)
-            scratch_base = np.uint64(scratch.ctypes.data) + offsets.astype(np.uint64)
-            scratch_rows = np.full(len(arrays), total, dtype=np.int64)
-            copy(base, scratch_base, rows, scratch_rows, (src[staged], staged_at, staged_count))
-            copy(scratch_base, base, scratch_rows, rows, (staged_at, dst[staged], staged_count))
-            direct = ~staged
-            if direct.any():
-                copy(base, base, rows, rows, (src[direct], dst[direct], count[direct]))
+    if not staged.any():
+        copy(base, base, rows, rows, (src, dst, count))
+    elif (dst <= src).all():
+        _launch(copy_runs_in_order, moved, base, row_bytes, rows, src, dst, count)
+    else:
+        staged_count = count[staged]
+        staged_at = np.cumsum(staged_count) - staged_count
+        total = int(staged_count.sum())
+        scratch = np.empty(total * int(row_bytes.sum()), dtype=np.uint8)
+        offsets = total * (np.cumsum(row_bytes) - row_bytes)
+        scratch_base = np.uint64(scratch.ctypes.data) + offsets.astype(np.uint64)
+        scratch_rows = np.full(len(arrays), total, dtype=np.int64)
+        copy(base, scratch_base, rows, scratch_rows, (src[staged], staged_at, staged_count))
+        copy(scratch_base, base, scratch_rows, rows, (staged_at, dst[staged], staged_count))
+        direct = ~staged
+        if direct.any():
+            copy(base, base, rows, rows, (src[direct], dst[direct], count[direct]))
 
 
 def _reads_a_destination(src: np.ndarray, dst: np.ndarray, count: np.ndarray) -> np.ndarray:

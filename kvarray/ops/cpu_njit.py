@@ -14,6 +14,9 @@ payloads kept as NumPy keeps them. Large copies use non-temporal stores (see `_c
 
 from __future__ import annotations
 
+import types as types_module
+from typing import Any
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -23,7 +26,21 @@ from numba.extending import intrinsic, overload
 
 # error_model="numpy": no ZeroDivisionError branch per division, which would keep loops from vectorizing
 _serial = numba.njit(nogil=True, cache=True, error_model="numpy")
-_parallel = numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+
+
+def _parallel(fn: Any) -> Any:
+    """Compile the kernel `fn` twice: with ``parallel=True`` (the returned dispatcher, for large calls) and
+    serially (its ``.serial`` attribute, for small calls: waking a second thread costs a few microseconds
+    when the machine is idle and milliseconds when it is busy, more than a small copy takes).
+
+    The serial twin compiles a clone of `fn` under its own qualified name, so the two never share an entry of
+    Numba's on-disk cache."""
+    twin = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__doc__ = fn.__doc__
+    dispatcher = numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")(fn)
+    dispatcher.serial = _serial(twin)
+    return dispatcher
 
 #: Positions of one gather work item (a block of one sequence), so a single long sequence still splits.
 GATHER_BLOCK = 64

@@ -18,10 +18,21 @@ _CELLS, _HEADS, _DIM, _GROUP = 4, 2, 32, 32
 
 
 def compile_cpu_kernels() -> list[str]:
-    """Call each CPU kernel once on tiny inputs of the common dtypes; returns the kernel names compiled.
+    """Call each CPU kernel once on tiny inputs of the common dtypes, in both its variants (the serial twin
+    that small calls run and the parallel kernel of large calls); returns the kernel names compiled.
 
     Shapes: pools ``[4, 2, 32]``, two rows written, a page table of two sequences, int8 groups of 32.
     """
+    small_calls = cpu.PARALLEL_BYTES
+    try:
+        _call_every_kernel()  # tiny inputs: the serial twins
+        cpu.PARALLEL_BYTES = 0  # every call parallel, however small
+        return _call_every_kernel()
+    finally:
+        cpu.PARALLEL_BYTES = small_calls
+
+
+def _call_every_kernel() -> list[str]:
     names: list[str] = []
     cells32 = np.array([2, 0], dtype=np.int32)
     for index in (np.int32, np.int64):
