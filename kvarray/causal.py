@@ -31,7 +31,7 @@ from .spec import (
 )
 from .state import STATE_FORMAT, build_state, check_common, config_json, load_state, save_state, write_pools
 from .views import ForwardPlan, GatheredView, PageTable, PoolView, View
-from .xp import default_namespace, to_numpy
+from .xp import default_namespace, resident_zeros, to_numpy
 
 __all__ = ["STATE_FORMAT", "CacheStats", "CausalCache"]
 
@@ -118,8 +118,8 @@ class CausalCache:
         self._scales: list[list[Any | None]] = [[], []]
         for which, name in enumerate(self.kv_dtype):
             for _ in range(spec.num_layers):
-                self._pools[which].append(self.xp.zeros(shape, dtype=name))
-                scales = self.xp.zeros(scale_shape, dtype=SCALE_DTYPE) if name == "int8" else None
+                self._pools[which].append(resident_zeros(self.xp, shape, name))
+                scales = resident_zeros(self.xp, scale_shape, SCALE_DTYPE) if name == "int8" else None
                 self._scales[which].append(scales)
         self._kernels = ops.backend_for(self._pools[0][0])  # the pools' side never changes
         # this forward pass
@@ -128,6 +128,7 @@ class CausalCache:
         self._device = DeviceCopies(self.xp)
         self._heads: tuple[int, list[tuple[Any, Any, Any, Any]]] = (0, [])  # (n_kv, each layer's slices)
         self._staging = StagingBuffers(self.xp)
+        self._biases = StagingBuffers(np)  # the plans' biases: host arrays reused from pass to pass
         # counters
         self._defrags = 0
         self._cells_moved = 0
@@ -253,7 +254,7 @@ class CausalCache:
         self._slots = slot_mapping.astype(np.int64)
         self._plan = ForwardPlan(
             batch.seq_ids, batch.positions, slot_mapping, batch.sequences, batch.token_seq,
-            cells.n_kv, cells.window, cells.sinks, cells, cells.generation,
+            cells.n_kv, cells.window, cells.sinks, cells, cells.generation, self._biases,
         )
         self._device.clear()
         return self._plan

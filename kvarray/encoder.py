@@ -45,7 +45,7 @@ from .extents import NO_EXTENT, Entry, EntryInfo, ExtentList, check_entries, pla
 from .spec import DEFAULT_GROUP_SIZE, SCALE_DTYPE, KVSpec, check_group_size, row_bytes, storage_dtype
 from .state import STATE_FORMAT, build_state, check_common, config_json, load_state, save_state, write_pools
 from .views import CrossPlan, CrossView, GatheredView, View, frozen
-from .xp import default_namespace, to_numpy
+from .xp import default_namespace, resident_zeros, to_numpy
 
 __all__ = [
     "DEFAULT_MODALITY_DTYPES", "NO_EXTENT", "STATE_FORMAT", "CrossPlan", "CrossView", "EncoderCache",
@@ -136,10 +136,10 @@ class EncoderCache:
         heads, dim = spec.num_kv_heads, spec.head_dim
         for d, which, layer in itertools.product(self.dtypes, (0, 1), range(spec.num_layers)):
             n = self.capacity[d]
-            self._pools[d, which, layer] = self.xp.zeros((n, heads, dim), dtype=d)
+            self._pools[d, which, layer] = resident_zeros(self.xp, (n, heads, dim), d)
             if d == "int8":
                 groups = spec.row_values // self.group_size
-                self._scales[d, which, layer] = self.xp.zeros((n, groups), SCALE_DTYPE)
+                self._scales[d, which, layer] = resident_zeros(self.xp, (n, groups), SCALE_DTYPE)
         # this forward pass
         self._plan: CrossPlan | None = None
         self._device = DeviceCopies(self.xp)

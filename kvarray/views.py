@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .buffers import StagingBuffers
 from .cells import Cells
 from .errors import ConfigError, StalePlan
 
@@ -120,7 +121,9 @@ class ForwardPlan:
     Lazily built attributes (host NumPy; read-only): `page_table`, `bias`, `bias_before_put`,
     `gathered_lengths`, `gathered_bias`, `logits_index`, `cell_positions`. Reading one after the cache
     moved on (the next `start_forward`, or `remove`, `copy_prefix`, `shift`, `defrag`, `load_state_dict`)
-    raises `StalePlan`.
+    raises `StalePlan`. The biases live in buffers the cache reuses from pass to pass (a fresh
+    ``[T, n_kv]`` array each pass would cost page faults on every step), so they are valid until the next
+    `start_forward`: copy one to keep it longer.
     """
 
     seq_ids: np.ndarray
@@ -133,6 +136,7 @@ class ForwardPlan:
     sinks: int
     _cells: Cells = field(repr=False, compare=False)
     _generation: int = field(repr=False, compare=False)
+    _scratch: StagingBuffers = field(repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -210,19 +214,25 @@ class ForwardPlan:
     @cached_property
     def bias(self) -> np.ndarray:
         """``[T, n_kv]`` float32 pool-view bias, read after `put` (this pass's cells hold its tokens)."""
+        return frozen(self._past_block("bias", 0))
+
+    def _past_block(self, name: str, extra: int) -> np.ndarray:
+        """``[T, n_kv + extra]`` float32 from the reused buffer `name`: 0 where token t sees cell c (after
+        `put`), -inf elsewhere, including the `extra` columns."""
         rows, _, cells = self._pairs
-        bias = np.full((self.num_tokens, self.n_kv), NEG_INF, np.float32)
-        bias.reshape(-1)[rows * self.n_kv + cells] = 0.0  # only the visible entries are written
-        return frozen(bias)
+        width = self.n_kv + extra
+        bias = self._scratch.get(name, (self.num_tokens, width), np.float32)
+        bias.fill(NEG_INF)
+        bias.reshape(-1)[rows * width + cells] = 0.0  # only the visible entries are written
+        return bias
 
     @cached_property
     def bias_before_put(self) -> np.ndarray:
         """``[T, n_kv + T]`` float32: the past block (cells as they were before this pass: the cells this
         pass writes, fresh or a ring cell being overwritten, are masked) then this pass's tokens (causal
         within each sequence, window and sinks applied). For graphs that read the pool before `put`."""
-        n_kv, count = self.n_kv, self.num_tokens
-        out = np.full((count, n_kv + count), NEG_INF, np.float32)
-        out[:, :n_kv] = self.bias
+        n_kv = self.n_kv
+        out = self._past_block("bias_before_put", self.num_tokens)
         out[:, self.slot_mapping] = NEG_INF
         # this pass's block: token t sees token u of its sequence at an earlier or equal position
         same = self.token_seq[:, None] == self.token_seq[None, :]
@@ -249,7 +259,8 @@ class ForwardPlan:
         """``[T, L]`` float32 bias of each token over its own sequence's gathered row."""
         rows, rank, _ = self._pairs
         width = int(self.gathered_lengths.max(initial=0))
-        bias = np.full((self.num_tokens, width), NEG_INF, np.float32)
+        bias = self._scratch.get("gathered_bias", (self.num_tokens, width), np.float32)
+        bias.fill(NEG_INF)
         bias[rows, rank] = 0.0
         return frozen(bias)
 

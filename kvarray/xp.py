@@ -155,3 +155,16 @@ def _dlpack_on_device(x: Any) -> bool:
     except Exception:
         return False
     return int(kind) in _KDLCUDA
+
+
+def resident_zeros(xp: ModuleType, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A zero-filled array of namespace `xp` whose memory is resident now, not on first touch.
+
+    `numpy.zeros` maps zero pages lazily, so the first write into each 4 KiB page of a large pool would take
+    a page fault in the middle of a forward pass; pools are allocated once, so they pay for that up front.
+    """
+    if xp is np:
+        out = np.empty(shape, dtype=dtype)
+        out.fill(0)
+        return out
+    return xp.zeros(shape, dtype=dtype)
