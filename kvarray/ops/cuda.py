@@ -45,41 +45,19 @@ FLOAT16_MAX = 65504.0  # largest finite float16: the scale of a group whose scal
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _put_rows(dst, rows, src):
-    """``dst[rows[r], w] = src[r, w]`` (cast to dst's dtype); ``dst [N, W]``, ``rows [R]``, ``src [R, W]``."""
-    i = cuda.grid(1)
-    width = src.shape[1]
-    r = i // width
-    if r >= src.shape[0]:
-        return
-    w = i - r * width
-    row = rows[r]
-    if row >= 0 and row < dst.shape[0]:
-        dst[row, w] = src[r, w]
-
-
-def _take_rows(dst, src, rows):
-    """``dst[r, w] = src[rows[r], w]``; ``dst [R, W]``, ``src [N, W]``, ``rows [R]`` (staging)."""
-    i = cuda.grid(1)
-    width = dst.shape[1]
-    r = i // width
-    if r >= dst.shape[0]:
-        return
-    w = i - r * width
-    row = rows[r]
-    if row >= 0 and row < src.shape[0]:
-        dst[r, w] = src[row, w]
-
-
 def _copy_rows(dst, dst_rows, src, src_rows):
-    """``dst[dst_rows[r], w] = src[src_rows[r], w]``; ``dst [N, W]``, ``src [M, W]``, rows ``[R]``."""
+    """``dst[dst_rows[r], w] = src[src_rows[r], w]`` (cast to dst's dtype), one thread per word; an index
+    array that is None stands for r itself. ``dst [N, W]``, ``src [M, W]``, ``dst_rows``/``src_rows`` ``[R]``
+    or None; R is ``src_rows``'s length, or M when `src_rows` is None. Serves scatter (destination rows
+    mapped), move_rows's staging (source rows, then destination rows) and its direct copy (both)."""
     i = cuda.grid(1)
     width = dst.shape[1]
     r = i // width
-    if r >= dst_rows.shape[0]:
+    if r >= (src.shape[0] if src_rows is None else src_rows.shape[0]):
         return
     w = i - r * width
-    to, frm = dst_rows[r], src_rows[r]
+    frm = r if src_rows is None else src_rows[r]
+    to = r if dst_rows is None else dst_rows[r]
     if to >= 0 and to < dst.shape[0] and frm >= 0 and frm < src.shape[0]:
         dst[to, w] = src[frm, w]
 
@@ -245,8 +223,6 @@ def _rope_int8(pool, scales, cells, deltas, inv_freq, neox, out, group):
     out[t, h, ib] = np.float32(a * sin + b * cos)
 
 
-_put_rows_kernel = cuda.jit(_put_rows)
-_take_rows_kernel = cuda.jit(_take_rows)
 _copy_rows_kernel = cuda.jit(_copy_rows)
 _dequantize_kernel = cuda.jit(_dequantize)
 _gather_kernel = cuda.jit(_gather)
@@ -287,15 +263,15 @@ def kernel_specs() -> tuple[KernelSpec, ...]:
     def arr(dtype: Any, ndim: int) -> Any:
         return t.Array(dtype, ndim, "C")
 
-    put = [(arr(w, 2), arr(ix, 1), arr(w, 2)) for w in words for ix in indexes]
-    put += [(arr(a, 2), arr(ix, 1), arr(b, 2)) for a, b in ((f16, f32), (f32, f16)) for ix in indexes]
-    specs = [
-        KernelSpec("put_rows", _put_rows, tuple(put)),
-        KernelSpec("take_rows", _take_rows, tuple((arr(w, 2), arr(w, 2), arr(i64, 1)) for w in words)),
-        KernelSpec(
-            "copy_rows", _copy_rows, tuple((arr(w, 2), arr(i64, 1), arr(w, 2), arr(i64, 1)) for w in words)
-        ),
+    # (dst, dst_rows, src, src_rows): scatter (cells on the destination side, words or a float cast), then
+    # move_rows's staging (source rows into scratch, scratch onto destination rows) and direct copy.
+    copy = [(arr(w, 2), arr(ix, 1), arr(w, 2), t.none) for w in words for ix in indexes]
+    copy += [
+        (arr(a, 2), arr(ix, 1), arr(b, 2), t.none) for a, b in ((f16, f32), (f32, f16)) for ix in indexes
     ]
+    copy += [(arr(w, 2), t.none, arr(w, 2), arr(i64, 1)) for w in words]
+    copy += [(arr(w, 2), arr(i64, 1), arr(w, 2), arr(i64, 1)) for w in words]
+    specs = [KernelSpec("copy_rows", _copy_rows, tuple(copy))]
     for group in PTX_GROUP_SIZES:
         sigs = tuple(
             (arr(x, 2), rows, arr(i8, 2), arr(f16, 2))
@@ -426,7 +402,7 @@ def scatter_rows(pool: Any, rows: Any, cells: Any, scales: Any | None = None) ->
     if np.dtype(pool.dtype) == np.dtype(rows.dtype):
         word = _word_dtype(dst.shape[1] * np.dtype(pool.dtype).itemsize, pool, rows)
         dst, src = dst.view(word), src.view(word)
-    _launch(_put_rows_kernel, count * dst.shape[1], stream, dst, cells, src)
+    _launch(_copy_rows_kernel, count * dst.shape[1], stream, dst, cells, src, None)
 
 
 def gather_rows(pool: Any, indptr: Any, indices: Any, out: Any, scales: Any | None = None) -> None:
@@ -477,8 +453,8 @@ def move_rows(pools: Sequence[Any], src: Any, dst: Any, length: Any) -> None:
         threads = count * words.shape[1]
         if staged:
             scratch = cuda.device_array((count, words.shape[1]), words.dtype, stream=stream)
-            _launch(_take_rows_kernel, threads, stream, scratch, words, from_dev)
-            _launch(_put_rows_kernel, threads, stream, words, to_dev, scratch)
+            _launch(_copy_rows_kernel, threads, stream, scratch, None, words, from_dev)
+            _launch(_copy_rows_kernel, threads, stream, words, to_dev, scratch, None)
         else:
             _launch(_copy_rows_kernel, threads, stream, words, to_dev, words, from_dev)
 

@@ -7,6 +7,8 @@ values that encode their coordinates, ``100 * cell + 10 * head + dim``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -36,6 +38,17 @@ def values(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, wild: 
         if shape[0] > 1:
             x[rng.integers(0, shape[0])] = 0.0  # an all-zero row: scale 0, exact zeros
     return x.astype(dtype)
+
+
+def int8_pool(
+    x: np.ndarray, group: int, quantize: Callable[..., None] = reference.quantize_int8
+) -> tuple[np.ndarray, np.ndarray]:
+    """``x [N, H, D]`` float quantized by `quantize` in groups of `group`: int8 ``q`` (x's shape) and float16
+    ``scales [N, H * D // group]``."""
+    n, h, d = x.shape
+    q, scales = np.zeros(x.shape, np.int8), np.zeros((n, h * d // group), np.float16)
+    quantize(x, q, scales)
+    return q, scales
 
 
 @st.composite
@@ -242,10 +255,7 @@ def test_gather_rows_matches_reference(
     pool = values(rng, (n, h, d), np.float32, wild=True)
     scales = None
     if pool_dtype == np.int8:
-        scales = np.zeros((n, h * d // shape["group"]), np.float16)
-        q = np.zeros(pool.shape, np.int8)
-        reference.quantize_int8(pool, q, scales)
-        pool = q
+        pool, scales = int8_pool(pool, shape["group"])
     else:
         pool = pool.astype(pool_dtype)
         out_dtype = pool_dtype
@@ -267,9 +277,7 @@ def test_gather_int8_group_layouts(heads: int, dim: int, group: int, out_dtype: 
     and groups spanning two heads (D = 80 with g = 32; g = 192 over three heads of 64); padding included."""
     rng = np.random.default_rng(dim + group)
     n = 9
-    x = values(rng, (n, heads, dim), np.float32, wild=True)
-    pool, scales = np.zeros(x.shape, np.int8), np.zeros((n, heads * dim // group), np.float16)
-    reference.quantize_int8(x, pool, scales)
+    pool, scales = int8_pool(values(rng, (n, heads, dim), np.float32, wild=True), group)
     indptr, indices = np.array([0, 5, 5, 9]), rng.integers(0, n, 9)
     got = np.full((3, heads, 6, dim), 7, out_dtype)
     want = got.copy()
@@ -337,6 +345,30 @@ def test_move_rows_matches_reference(plan: tuple, index: type, seed: int) -> Non
 # --- rope ---------------------------------------------------------------------------------------------------
 
 
+def rope_pool(
+    rng: np.random.Generator, shape: dict, dtype: type, quantize: Callable[..., None]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Keys ``[cells, heads, dim]`` of `shape` (`values`, no special values) as `dtype`; an int8 pool is
+    quantized by `quantize` in groups of ``shape["group"]`` and comes with its scales (a float one: None)."""
+    x = values(rng, (shape["cells"], shape["heads"], shape["dim"]), np.float32, wild=False)
+    if dtype == np.int8:
+        return int8_pool(x, shape["group"], quantize)
+    return x.astype(dtype), None
+
+
+def rope_cpu_and_reference(
+    pool: np.ndarray, scales: np.ndarray | None, cells: np.ndarray, deltas: np.ndarray, rope: RopeSpec
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``[(got, got_s), (want, want_s)]``: `cpu.rope_shift` and `reference.rope_shift` on copies of `pool`
+    and `scales`."""
+    results = []
+    for kernels in (cpu, reference):
+        p, s = pool.copy(), None if scales is None else scales.copy()
+        kernels.rope_shift(p, cells, deltas, rope, s)
+        results.append((p, s))
+    return results
+
+
 @SETTINGS
 @given(
     shape=pool_shapes(),
@@ -350,7 +382,7 @@ def test_rope_shift_matches_reference(
     shape: dict, dtype: type, style: RopeStyle, partial: bool, scaled: bool, data: st.DataObject
 ) -> None:
     rng = np.random.default_rng(shape["seed"])
-    n, h, d = shape["cells"], shape["heads"], shape["dim"]
+    n, d = shape["cells"], shape["dim"]
     rope = RopeSpec(
         theta=500000.0,
         rotary_dim=d // 2 if partial else None,
@@ -361,18 +393,8 @@ def test_rope_shift_matches_reference(
     cells = rng.permutation(n)[:t]
     deltas = rng.integers(-5000, 5000, t)
     deltas[: t // 3] = 0
-    pool = values(rng, (n, h, d), np.float32, wild=False)
-    scales = None
-    if dtype == np.int8:
-        scales = np.zeros((n, h * d // shape["group"]), np.float16)
-        q = np.zeros(pool.shape, np.int8)
-        cpu.quantize_int8(pool, q, scales)
-        pool = q
-    pool = pool.astype(dtype)
-    got, want = pool.copy(), pool.copy()
-    got_s, want_s = (None, None) if scales is None else (scales.copy(), scales.copy())
-    cpu.rope_shift(got, cells, deltas, rope, got_s)
-    reference.rope_shift(want, cells, deltas, rope, want_s)
+    pool, scales = rope_pool(rng, shape, dtype, cpu.quantize_int8)
+    (got, got_s), (want, want_s) = rope_cpu_and_reference(pool, scales, cells, deltas, rope)
     unmoved = cells[deltas == 0]  # cos 0 = 1 and sin 0 = 0 exactly: the reference's bits, the old values
     assert same_bits(got[unmoved], want[unmoved])  # (a zero may change sign: -0 - (-b * 0) is +0)
     if scales is None:
@@ -412,22 +434,12 @@ def test_rope_shift_is_bit_identical(
     """The CPU kernel takes its angles' cos/sin from NumPy, one row per distinct delta (`shared`: a context
     shift, every cell by one delta), and rotates without fused multiply-adds: the reference's bits."""
     rng = np.random.default_rng(shape["seed"])
-    n, h, d = shape["cells"], shape["heads"], shape["dim"]
+    n, d = shape["cells"], shape["dim"]
     rope = RopeSpec(theta=10000.0, rotary_dim=d // 2 if partial else None, style=style)
     cells = rng.permutation(n)[: rng.integers(0, n + 1)]
     deltas = np.full(len(cells), -7) if shared else rng.integers(-3000, 3000, len(cells))
-    pool = values(rng, (n, h, d), np.float32, wild=False)
-    scales = None
-    if dtype == np.int8:
-        scales = np.zeros((n, h * d // shape["group"]), np.float16)
-        q = np.zeros(pool.shape, np.int8)
-        reference.quantize_int8(pool, q, scales)
-        pool = q
-    pool = pool.astype(dtype)
-    got, want = pool.copy(), pool.copy()
-    got_s, want_s = (None, None) if scales is None else (scales.copy(), scales.copy())
-    cpu.rope_shift(got, cells, deltas, rope, got_s)
-    reference.rope_shift(want, cells, deltas, rope, want_s)
+    pool, scales = rope_pool(rng, shape, dtype, reference.quantize_int8)
+    (got, got_s), (want, want_s) = rope_cpu_and_reference(pool, scales, cells, deltas, rope)
     assert same_bits(got, want)
     if scales is not None:
         assert same_bits(got_s, want_s)

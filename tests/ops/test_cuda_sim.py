@@ -68,27 +68,26 @@ def test_simulator_arrays_and_dispatch(cuda) -> None:
     assert ops.backend_for(pool).__name__ == "kvarray.ops.cuda"
 
 
+def _assert_scatter_matches_reference(cuda, kernels, pool, rows, cells) -> None:
+    expected = pool.copy()
+    reference.scatter_rows(expected, rows, cells)
+    (got, *_) = _run(cuda, kernels.scatter_rows, pool, rows, cells)
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("index", [np.int32, np.int64])
 @pytest.mark.parametrize(("pool_dtype", "rows_dtype"), [(F16, F16), (F32, F32), (F16, F32), (F32, F16)])
 def test_scatter_rows_float(cuda, kernels, pool_dtype, rows_dtype, index) -> None:
     pool = np.full((8, 2, 6), -1, pool_dtype)
     rows = _noisy((3, 2, 6), rows_dtype, 1)
-    cells = np.array([5, 0, 7], index)
-    expected = pool.copy()
-    reference.scatter_rows(expected, rows, cells)
-    (got, *_) = _run(cuda, kernels.scatter_rows, pool, rows, cells)
-    np.testing.assert_array_equal(got, expected)
+    _assert_scatter_matches_reference(cuda, kernels, pool, rows, np.array([5, 0, 7], index))
 
 
 def test_scatter_rows_odd_row_bytes_and_one_row(cuda, kernels) -> None:
     """A float16 row of 3 values is 6 bytes: copied as uint16 words."""
     pool = np.zeros((4, 1, 3), F16)
     rows = _coords((1, 1, 3), F16)
-    cells = np.array([2], np.int64)
-    expected = pool.copy()
-    reference.scatter_rows(expected, rows, cells)
-    (got, *_) = _run(cuda, kernels.scatter_rows, pool, rows, cells)
-    np.testing.assert_array_equal(got, expected)
+    _assert_scatter_matches_reference(cuda, kernels, pool, rows, np.array([2], np.int64))
 
 
 def test_scatter_rows_skips_out_of_range_cells(cuda, kernels) -> None:
@@ -141,27 +140,25 @@ def _special_groups(dtype: np.dtype) -> np.ndarray:
     return x.astype(dtype)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the saturating group
-@pytest.mark.parametrize("dtype", [F16, F32])
-def test_quantize_int8_matches_reference_bit_for_bit(cuda, kernels, dtype) -> None:
-    x = _special_groups(dtype)
-    q, scales = np.zeros(x.shape, I8), np.zeros((4, 2), F16)
+def _assert_quantize_matches_reference(cuda, kernels, x: np.ndarray, groups: int) -> None:
+    """`kernels.quantize_int8` of ``x [R, ...]`` in `groups` groups a row: the reference's q and scales."""
+    q, scales = np.zeros(x.shape, I8), np.zeros((x.shape[0], groups), F16)
     want_q, want_s = q.copy(), scales.copy()
     reference.quantize_int8(x, want_q, want_s)
     _, got_q, got_s = _run(cuda, kernels.quantize_int8, x, q, scales)
     np.testing.assert_array_equal(got_s, want_s)
     np.testing.assert_array_equal(got_q, want_q)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the saturating group
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_quantize_int8_matches_reference_bit_for_bit(cuda, kernels, dtype) -> None:
+    _assert_quantize_matches_reference(cuda, kernels, _special_groups(dtype), groups=2)
 
 
 @pytest.mark.parametrize("dtype", [F16, F32])
 def test_quantize_int8_noisy_rows_of_heads(cuda, kernels, dtype) -> None:
-    x = _noisy((3, 2, 16), dtype, 3)
-    q, scales = np.zeros(x.shape, I8), np.zeros((3, 4), F16)
-    want_q, want_s = q.copy(), scales.copy()
-    reference.quantize_int8(x, want_q, want_s)
-    _, got_q, got_s = _run(cuda, kernels.quantize_int8, x, q, scales)
-    np.testing.assert_array_equal(got_s, want_s)
-    np.testing.assert_array_equal(got_q, want_q)
+    _assert_quantize_matches_reference(cuda, kernels, _noisy((3, 2, 16), dtype, 3), groups=4)
 
 
 @pytest.mark.parametrize("dtype", [F16, F32])

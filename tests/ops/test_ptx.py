@@ -98,11 +98,11 @@ def test_float16_conversion_rounds_to_nearest() -> None:
     assert "cvt.rn.f16.f32" in ptx
     assert "div.rn.f32" in ptx
     assert "cvt.rni." in ptx
-    put = specs["put_rows"]
+    copy = specs["copy_rows"]
     f32_to_f16 = next(
-        s for s in put.signatures if str(s[0].dtype) == "float16" and str(s[2].dtype) == "float32"
+        s for s in copy.signatures if str(s[0].dtype) == "float16" and str(s[2].dtype) == "float32"
     )
-    ptx, _ = cuda.compile_ptx(put.py_func, f32_to_f16, cc=(8, 0))
+    ptx, _ = cuda.compile_ptx(copy.py_func, f32_to_f16, cc=(8, 0))
     assert "cvt.rn.f16.f32" in ptx
 
 
