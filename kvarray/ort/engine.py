@@ -8,7 +8,8 @@
 Each `step` is one forward pass over a flat batch (decode tokens of every running request plus prompt
 chunks): the scheduler picks the tokens, `CausalCache.start_forward` assigns cells, a *runner* runs the
 graph and `put`s the new rows, and the sampled tokens go back to the scheduler. The runner is the only
-model-specific part, chosen from the graph's names (`names.match_convention`):
+model-specific part (`kvarray.ort.runner.Runner`), chosen from the graph's names
+(`names.match_convention`):
 
 - `NativeRunner` (`kvarray.ort.native`): kvarray's native pool-view graph; the pool view ``keys[:n_kv]``
   of every layer and the plan's ``bias_before_put [T, n_kv + T]`` are bound zero-copy, the session writes
@@ -16,6 +17,10 @@ model-specific part, chosen from the graph's names (`names.match_convention`):
 - `OptimumRunner` (`kvarray.ort.optimum`): an Optimum decoder-only export; the batch's past is read from
   the cache's gathered view into ``past_key_values.{i}.*`` and the new rows of ``present.{i}.*`` are put
   back.
+
+The request lifecycle (validation, admission, the step loop, sampling, streaming, cancel, metrics) is
+`EngineCore`, shared with the encoder-decoder `Seq2SeqEngine` (`kvarray.ort.seq2seq`), whose runner also
+encodes the requests it admits and frees their cross entries (the runner's lifecycle hooks).
 
 Details: docs/engine.md.
 """
@@ -28,13 +33,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numba
 import numpy as np
 import onnxruntime as ort
 
 from ..causal import CacheStats, CausalCache
+from ..encdec import EncDecPlan, EncoderDecoderCache
 from ..errors import (
     ConfigError,
     EmptyPrompt,
@@ -45,16 +51,27 @@ from ..errors import (
 )
 from ..export import GraphInfo, read_metadata
 from ..spec import KVSpec
-from ..views import ForwardPlan
 from .binding import Binder
 from .names import match_convention
 from .native import NativeRunner
 from .optimum import OptimumRunner, read_tokens
+from .runner import Runner
 from .sampling import SamplingParams, sample_rows
-from .scheduler import Batch, FinishReason, Request, RequestState, Scheduler, TokenEvent
+from .scheduler import FinishReason, Request, RequestState, Scheduler, TokenEvent
 from .tokenizer import load_tokenizer
 
-__all__ = ["Engine", "EngineConfig", "EngineMetrics", "GraphKind", "KVDtype", "NativeRunner", "Runner"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineCore",
+    "EngineMetrics",
+    "GraphKind",
+    "KVDtype",
+    "NativeRunner",
+    "Runner",
+    "check_tokens",
+    "open_session",
+]
 
 
 class KVDtype(str, enum.Enum):
@@ -128,33 +145,238 @@ class EngineMetrics:
         return 0.0 if self.step_seconds == 0 else 1.0 - self.run_seconds / self.step_seconds
 
 
-class Runner(Protocol):
-    """The model-specific part of a pass: what the engine needs of a graph family.
-
-    `forward` runs the pass the cache's current plan describes (``plan`` from `CausalCache.start_forward`
-    over ``batch.seq_ids`` / ``batch.positions``), writes every layer's new keys and values with
-    `CausalCache.put`, and returns ``logits [len(batch.logits_index), vocab]`` float32 (rows of the flat
-    token indices ``batch.logits_index``) with the seconds spent inside ``session.run``.
-    """
-
-    kind: str  # "native" or "optimum"
-    spec: KVSpec
-    vocab_size: int
-    kv_dtype: str  # the cache's storage
-    group_size: int
-    tokens: dict[str, Any]  # bos / eos / pad ids from the graph's metadata or folder
-    binder: Binder
+class EngineOptions(Protocol):
+    """What `EngineCore` reads of an engine's config (`EngineConfig`, `Seq2SeqConfig`)."""
 
     @property
-    def info(self) -> GraphInfo | None:
-        """kvarray's metadata of the graph (native graphs; None for Optimum exports)."""
+    def capacity(self) -> int: ...  # decoder self-attention cells
+    @property
+    def max_sequences(self) -> int: ...
+    @property
+    def prefill_chunk(self) -> int: ...
+    @property
+    def max_batch_tokens(self) -> int: ...
+    @property
+    def kernel_threads(self) -> int: ...
 
-    def forward(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]: ...
 
-    def close(self) -> None: ...
+#: the cache a runner works on: decoder-only (`CausalCache`) or encoder-decoder (`EncoderDecoderCache`)
+C = TypeVar("C", CausalCache, EncoderDecoderCache)
 
 
-class Engine:
+class EngineCore(Generic[C]):
+    """The request lifecycle over a runner and its cache: validation, admission, one step per forward pass
+    (schedule, run, sample, commit), streaming, cancel and metrics. `Engine` (decoder-only graphs) and
+    `Seq2SeqEngine` (T5, Whisper) build the runner and the cache and say what a request is.
+
+    Args:
+        runner: the model-specific part (`Runner`); its lifecycle hooks are called at admission and finish.
+        cache: what `runner.forward` reads and writes; its decoder self-attention `CausalCache` (the
+            cache itself, or ``cache.causal``) is what admission counts and finished requests free.
+        options: capacity, max_sequences, prefill_chunk, max_batch_tokens, kernel_threads (`EngineOptions`).
+        prefix_sharing: share a running request's cells of a common prompt prefix (off with a window).
+        context: the model's context (max decoder positions); None: unbounded.
+        eos_token_id: default stop token (None: the runner's eos, if any).
+        tokenizer: optional (`Engine.generate_text`, `cli_transcribe`).
+        metrics: the counters to update (`EngineMetrics`, or a subclass the runner also updates).
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        cache: C,
+        options: EngineOptions,
+        *,
+        prefix_sharing: bool,
+        context: int | None,
+        eos_token_id: int | None,
+        tokenizer: Any,
+        metrics: EngineMetrics,
+    ) -> None:
+        self.runner = runner
+        self.cache: C = cache
+        self._cells: CausalCache = cache if isinstance(cache, CausalCache) else cache.causal
+        self.info: GraphInfo | None = runner.info
+        self.spec = runner.spec
+        self.vocab_size = runner.vocab_size
+        self.context = context
+        self.tokenizer = tokenizer
+        eos = runner.tokens.get("eos_token_id") if eos_token_id is None else eos_token_id
+        self.eos: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        capacity, window = options.capacity, self._cells.window
+        chunk = options.prefill_chunk if window is None else min(options.prefill_chunk, window)
+        sharing = prefix_sharing and window is None
+        self.scheduler = Scheduler(capacity, options.max_sequences, chunk, options.max_batch_tokens, sharing)
+        self._capacity = capacity
+        self._kernel_threads = options.kernel_threads
+        # positions a request may reach: the model's context and, without a window, the cache
+        self._limit = None if window is not None else min(context or capacity, capacity)
+        self.requests: dict[int, Request] = {}
+        self.metrics = metrics
+        self._next_id = 0
+
+    @property
+    def binder(self) -> Binder:
+        """The runner's IO binding (what each graph name is bound to)."""
+        return self.runner.binder
+
+    @property
+    def _new_keys(self) -> list[np.ndarray]:
+        """The last pass's new keys ``[T, H, D]`` per layer, as put into the cache."""
+        return self.runner.new_keys
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def _queue(
+        self,
+        prompt: Sequence[int] | np.ndarray,
+        params: SamplingParams | None,
+        on_token: Callable[[TokenEvent], None] | None,
+        what: str = "prompt",
+    ) -> Request:
+        """Validate a request's decoder prompt ``[P]`` (named `what` in errors) and queue it.
+
+        Raises `EmptyPrompt`, `UnknownToken`, `PromptTooLong` (longer than the model's context or the
+        cache); nothing is queued then.
+        """
+        params = params or SamplingParams()
+        ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise EmptyPrompt(f"a request needs at least one {what} token")
+        check_tokens(ids, self.vocab_size, "token" if what == "prompt" else what)
+        if self.context is not None and ids.size > self.context:
+            raise PromptTooLong(int(ids.size), self.context, "model context")
+        window = self._cells.window
+        if window is None and ids.size > self._capacity:
+            raise PromptTooLong(int(ids.size), self._capacity, "cache")
+        need = ids.size + params.max_new_tokens - 1
+        if window is None:
+            need = min(need, self._limit or need)
+        else:
+            need = min(need, window + self._cells.sinks)
+        stop = self.eos if params.stop_tokens is None else frozenset(params.stop_tokens)
+        req = Request(self._next_id, ids, params, need, stop, np.random.default_rng(params.seed), on_token)
+        self._next_id += 1
+        self.requests[req.id] = req
+        self.scheduler.waiting.append(req)
+        return req
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a waiting or running request now and free what it holds (others are unaffected).
+
+        Raises `UnknownRequest` for an id never added or already finished.
+        """
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            raise UnknownRequest(f"request {request_id} is not waiting or running")
+        if req.state is RequestState.RUNNING:
+            self._note_peak()
+        self.scheduler.finish(req, FinishReason.CANCELLED)
+        self._free(req)
+
+    def request(self, request_id: int) -> Request:
+        """The `Request` with this id (kept after it finished, until `pop`)."""
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise UnknownRequest(f"no request {request_id}") from None
+
+    def pop(self, request_id: int) -> Request:
+        """Forget a finished request and return it."""
+        req = self.request(request_id)
+        if not req.finished:
+            raise UnknownRequest(f"request {request_id} has not finished")
+        return self.requests.pop(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        """True while a request waits or runs."""
+        return self.scheduler.has_work
+
+    # ---- running -----------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """One forward pass over the running requests (admitting waiting ones first); its token events."""
+        start = time.perf_counter()
+        outer = numba.get_num_threads()
+        inner = min(self._kernel_threads, outer) if self._kernel_threads else outer
+        if inner != outer:
+            numba.set_num_threads(inner)
+        try:
+            return self._step(start)
+        finally:
+            if inner != outer:
+                numba.set_num_threads(outer)
+
+    def _step(self, start: float) -> list[TokenEvent]:
+        sched = self.scheduler
+        if sched.waiting:
+            self._admit()
+        batch = sched.next_batch()
+        if batch is None:
+            return []
+        plan = self.cache.start_forward(batch.seq_ids, batch.positions)
+        logits, run_time = self.runner.forward(self.cache, plan, batch)
+        rows = len(batch.sampled)
+        tokens = sample_rows(logits[:rows], [r.params for r in batch.sampled], [r.rng for r in batch.sampled])
+        events = sched.commit(batch, tokens, self._limit)
+        if not sched.has_work or any(e.finished for e in events):
+            self._note_peak()  # cells in use only fall when requests leave: measure just before
+        for event in events:
+            if event.finished:
+                self._free(event.request)
+        m = self.metrics
+        m.steps += 1
+        m.prefill_tokens += batch.prefill_tokens
+        m.decode_tokens += batch.decode_tokens
+        m.generated_tokens += len(events)
+        m.peak_n_kv = max(m.peak_n_kv, (plan.self_plan if isinstance(plan, EncDecPlan) else plan).n_kv)
+        m.run_seconds += run_time
+        m.step_seconds += time.perf_counter() - start
+        for event in events:
+            if event.request.on_token is not None:
+                event.request.on_token(event)
+        return events
+
+    def _admit(self) -> None:
+        """Admit the waiting requests that fit (the runner's room, then the scheduler's rule on decoder
+        cells), share their prompt prefixes, and hand the admitted ones to the runner."""
+        sched, cells = self.scheduler, self._cells
+        limit = self.runner.admit_limit(self.cache, sched.waiting)
+        before = len(sched.running)
+        for src, dst, length in sched.admit(cells.stats().cells_free, cells.length, limit):
+            cells.copy_prefix(src.id, dst.id, length)
+            self.metrics.shared_tokens += length
+        if len(sched.running) > before:
+            self.runner.on_admit(self.cache, sched.running[before:])
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Step until no request waits or runs, yielding every token event (requests may be added or
+        cancelled between events)."""
+        while self.has_work:
+            yield from self.step()
+
+    def _run_all(self, ids: list[int]) -> list[list[int]]:
+        """Step until no request waits or runs; the new tokens of requests `ids`, in order (popped)."""
+        for _ in self.stream():
+            pass
+        return [self.pop(i).output for i in ids]
+
+    def close(self) -> None:
+        """Release the cache's pools and the bindings."""
+        self.runner.close()
+        self.cache.close()
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _note_peak(self) -> None:
+        self.metrics.peak_cells = max(self.metrics.peak_cells, self._cells.stats().cells_used)
+
+    def _free(self, req: Request) -> None:
+        """Free a finished or cancelled request's decoder cells, then let the runner free its own part."""
+        if self._cells.length(req.id):
+            self._cells.remove(req.id)
+        self.runner.on_finish(self.cache, req)
+
+
+class Engine(EngineCore[CausalCache]):
     """Generation over one decoder graph (Llama: kvarray's native pool view, or an Optimum export) with a
     `CausalCache`; the runner is chosen from the graph's names.
 
@@ -169,7 +391,7 @@ class Engine:
         providers: ONNX Runtime execution providers (default CPU).
 
     Raises `GraphMismatch` (names or shapes against the spec, names listed; names of no known convention),
-    `UnsupportedModel` (an encoder-decoder or gathered-view graph: not supported by the engine yet).
+    `UnsupportedModel` (an encoder-decoder or gathered-view graph: `Seq2SeqEngine` runs T5 and Whisper).
     """
 
     def __init__(
@@ -184,40 +406,29 @@ class Engine:
         providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.session = _open_session(graph, config, providers)
-        self.runner: Runner = _make_runner(self.session, Path(graph), config, spec)
-        self.info: GraphInfo | None = self.runner.info
-        self.spec = self.runner.spec
-        self.vocab_size = self.runner.vocab_size
-        self.context = context
-        self.tokenizer = tokenizer
-        eos = self.runner.tokens.get("eos_token_id") if eos_token_id is None else eos_token_id
-        self.eos: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        window = config.window
-        self.cache = CausalCache(
-            self.spec,
+        self.session = open_session(graph, config.threads, providers)
+        runner = _make_runner(self.session, Path(graph), config, spec)
+        cache = CausalCache(
+            runner.spec,
             config.capacity,
             config.max_sequences,
-            window=window,
+            window=config.window,
             sinks=config.sinks,
-            kv_dtype=self.runner.kv_dtype,
-            group_size=self.runner.group_size,
+            kv_dtype=runner.kv_dtype,
+            group_size=runner.group_size,
             defrag_threshold=config.defrag_threshold,
             xp=np,
         )
-        chunk = config.prefill_chunk if window is None else min(config.prefill_chunk, window)
-        self.scheduler = Scheduler(
-            config.capacity,
-            config.max_sequences,
-            chunk,
-            config.max_batch_tokens,
-            config.prefix_sharing and window is None,
+        super().__init__(
+            runner,
+            cache,
+            config,
+            prefix_sharing=config.prefix_sharing,
+            context=context,
+            eos_token_id=eos_token_id,
+            tokenizer=tokenizer,
+            metrics=EngineMetrics(),
         )
-        # positions a request may reach: the model's context and, without a window, the cache
-        self._limit = None if window is not None else min(context or config.capacity, config.capacity)
-        self.requests: dict[int, Request] = {}
-        self.metrics = EngineMetrics()
-        self._next_id = 0
 
     @classmethod
     def from_model_dir(
@@ -247,17 +458,6 @@ class Engine:
         kwargs.setdefault("context", context)
         return cls(path, config, **kwargs)
 
-    @property
-    def binder(self) -> Binder:
-        """The runner's IO binding (what each graph name is bound to)."""
-        return self.runner.binder
-
-    @property
-    def _new_keys(self) -> list[np.ndarray]:
-        """The last pass's new keys ``[T, H, D]`` per layer, as put into the cache."""
-        return self.runner.new_keys  # type: ignore[attr-defined]
-
-    # ---- requests ----------------------------------------------------------------------------------
     def add_request(
         self,
         prompt: Sequence[int] | np.ndarray,
@@ -274,121 +474,13 @@ class Engine:
         Raises `EmptyPrompt`, `UnknownToken`, `PromptTooLong` (longer than the model's context or the
         cache); nothing is queued then.
         """
-        params = params or SamplingParams()
-        ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise EmptyPrompt("a request needs at least one prompt token")
-        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-        if bad.size:
-            raise UnknownToken(
-                f"token ids {bad[:8].tolist()} are outside the vocabulary [0, {self.vocab_size})"
-            )
-        if self.context is not None and ids.size > self.context:
-            raise PromptTooLong(int(ids.size), self.context, "model context")
-        window = self.config.window
-        if window is None and ids.size > self.config.capacity:
-            raise PromptTooLong(int(ids.size), self.config.capacity, "cache")
-        need = ids.size + params.max_new_tokens - 1
-        if window is None:
-            need = min(need, self._limit or need)
-        else:
-            need = min(need, window + self.config.sinks)
-        stop = self.eos if params.stop_tokens is None else frozenset(params.stop_tokens)
-        req = Request(self._next_id, ids, params, need, stop, np.random.default_rng(params.seed), on_token)
-        self._next_id += 1
-        self.requests[req.id] = req
-        self.scheduler.waiting.append(req)
-        return req.id
-
-    def cancel(self, request_id: int) -> None:
-        """Stop a waiting or running request now and free its cells (others are unaffected).
-
-        Raises `UnknownRequest` for an id never added or already finished.
-        """
-        req = self.requests.get(request_id)
-        if req is None or req.finished:
-            raise UnknownRequest(f"request {request_id} is not waiting or running")
-        self._finish(req, FinishReason.CANCELLED)
-
-    def request(self, request_id: int) -> Request:
-        """The `Request` with this id (kept after it finished, until `pop`)."""
-        try:
-            return self.requests[request_id]
-        except KeyError:
-            raise UnknownRequest(f"no request {request_id}") from None
-
-    def pop(self, request_id: int) -> Request:
-        """Forget a finished request and return it."""
-        req = self.request(request_id)
-        if not req.finished:
-            raise UnknownRequest(f"request {request_id} has not finished")
-        return self.requests.pop(request_id)
-
-    @property
-    def has_work(self) -> bool:
-        """True while a request waits or runs."""
-        return self.scheduler.has_work
-
-    # ---- running -----------------------------------------------------------------------------------
-    def step(self) -> list[TokenEvent]:
-        """One forward pass over the running requests (admitting waiting ones first); its token events."""
-        start = time.perf_counter()
-        outer = numba.get_num_threads()
-        inner = min(self.config.kernel_threads, outer) if self.config.kernel_threads else outer
-        if inner != outer:
-            numba.set_num_threads(inner)
-        try:
-            return self._step(start)
-        finally:
-            if inner != outer:
-                numba.set_num_threads(outer)
-
-    def _step(self, start: float) -> list[TokenEvent]:
-        cache, sched = self.cache, self.scheduler
-        if sched.waiting:
-            for src, dst, length in sched.admit(cache.stats().cells_free, cache.length):
-                cache.copy_prefix(src.id, dst.id, length)
-                self.metrics.shared_tokens += length
-        batch = sched.next_batch()
-        if batch is None:
-            return []
-        plan = cache.start_forward(batch.seq_ids, batch.positions)
-        logits, run_time = self.runner.forward(cache, plan, batch)
-        rows = len(batch.sampled)
-        tokens = sample_rows(logits[:rows], [r.params for r in batch.sampled], [r.rng for r in batch.sampled])
-        events = sched.commit(batch, tokens, self._limit)
-        if not sched.waiting and not sched.running or any(e.finished for e in events):
-            self._note_peak()  # cells in use only fall when requests leave: measure just before
-        for event in events:
-            if event.finished:
-                self._free(event.request)
-        m = self.metrics
-        m.steps += 1
-        m.prefill_tokens += batch.prefill_tokens
-        m.decode_tokens += batch.decode_tokens
-        m.generated_tokens += len(events)
-        m.peak_n_kv = max(m.peak_n_kv, plan.n_kv)
-        m.run_seconds += run_time
-        m.step_seconds += time.perf_counter() - start
-        for event in events:
-            if event.request.on_token is not None:
-                event.request.on_token(event)
-        return events
-
-    def stream(self) -> Iterator[TokenEvent]:
-        """Step until no request waits or runs, yielding every token event (requests may be added or
-        cancelled between events)."""
-        while self.has_work:
-            yield from self.step()
+        return self._queue(prompt, params, on_token).id
 
     def generate(
         self, prompts: Iterable[Sequence[int]], params: SamplingParams | None = None
     ) -> list[list[int]]:
         """Generate for every prompt (all queued at once, continuous batching); their new tokens, in order."""
-        ids = [self.add_request(p, params) for p in prompts]
-        for _ in self.stream():
-            pass
-        return [self.pop(i).output for i in ids]
+        return self._run_all([self.add_request(p, params) for p in prompts])
 
     def generate_text(self, prompts: Iterable[str], params: SamplingParams | None = None) -> list[str]:
         """`generate` over text prompts, with the model folder's tokenizer."""
@@ -399,12 +491,6 @@ class Engine:
         """The cache's `CacheStats`."""
         return self.cache.stats()
 
-    def close(self) -> None:
-        """Release the cache's pools and the bindings."""
-        self.runner.close()
-        self.cache.close()
-
-    # ---- internals ---------------------------------------------------------------------------------
     def _tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise ConfigError(
@@ -412,20 +498,12 @@ class Engine:
             )
         return self.tokenizer
 
-    def _note_peak(self) -> None:
-        self.metrics.peak_cells = max(self.metrics.peak_cells, self.cache.stats().cells_used)
 
-    def _finish(self, req: Request, reason: FinishReason) -> None:
-        running = req.state is RequestState.RUNNING
-        if running:
-            self._note_peak()
-        self.scheduler.finish(req, reason)
-        if running:
-            self._free(req)
-
-    def _free(self, req: Request) -> None:
-        if self.cache.length(req.id):
-            self.cache.remove(req.id)
+def check_tokens(ids: np.ndarray, vocab_size: int, what: str) -> None:
+    """Raise `UnknownToken` naming `what` when an id of ``ids [N]`` is outside ``[0, vocab_size)``."""
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise UnknownToken(f"{what} ids {bad[:8].tolist()} are outside the vocabulary [0, {vocab_size})")
 
 
 def model_graph(folder: Path, kv_dtype: KVDtype, kind: GraphKind) -> Path:
@@ -445,10 +523,11 @@ def model_graph(folder: Path, kv_dtype: KVDtype, kind: GraphKind) -> Path:
     return optimum
 
 
-def _open_session(graph: str | Path, config: EngineConfig, providers: Sequence[str]) -> ort.InferenceSession:
+def open_session(graph: str | Path, threads: int, providers: Sequence[str]) -> ort.InferenceSession:
+    """A sequential session over `graph` with `threads` intra-op threads (0: ONNX Runtime's default)."""
     options = ort.SessionOptions()
-    if config.threads:
-        options.intra_op_num_threads = config.threads
+    if threads:
+        options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(str(graph), options, providers=list(providers))

@@ -35,6 +35,7 @@ from ..spec import KVSpec
 from ..views import ForwardPlan, GatheredView
 from .binding import Binder
 from .names import check_names, convention
+from .runner import Runner
 from .scheduler import Batch
 
 __all__ = ["OptimumRunner"]
@@ -68,7 +69,7 @@ def read_tokens(folder: Path) -> dict[str, Any]:
     return tokens
 
 
-class OptimumRunner:
+class OptimumRunner(Runner):
     """Runs one pass of an Optimum decoder-only graph over the cache's gathered view (module docstring).
 
     Args:

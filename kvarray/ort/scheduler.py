@@ -142,19 +142,23 @@ class Scheduler:
         """True while a request waits or runs."""
         return bool(self.waiting or self.running)
 
-    def admit(self, free_cells: int, held: Callable[[int], int]) -> list[tuple[Request, Request, int]]:
+    def admit(
+        self, free_cells: int, held: Callable[[int], int], limit: int | None = None
+    ) -> list[tuple[Request, Request, int]]:
         """Move waiting requests to running while they fit; return the prefix shares to make
         ``(source, newcomer, length)`` (the engine calls the cache's `copy_prefix` for them).
 
         Args:
             free_cells: the cache's free cells now.
             held: sequence id -> cells it holds now.
+            limit: admit at most this many (the runner's own room, e.g. encoder rows); None: no limit.
         """
         shares: list[tuple[Request, Request, int]] = []
         if not self.waiting:
             return shares
         growth = sum(r.need - held(r.id) for r in self.running)
-        while self.waiting and len(self.running) < self.max_sequences:
+        stop = len(self.running) + (len(self.waiting) if limit is None else limit)
+        while self.waiting and len(self.running) < min(self.max_sequences, stop):
             req = self.waiting[0]
             source, length = self._longest_prefix(req) if self.prefix_sharing else (None, 0)
             if req.need - length > free_cells - growth:

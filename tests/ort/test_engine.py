@@ -136,3 +136,30 @@ def test_outputs_equal_with_other_capacity_and_defrag(prompts, expected):
     outputs = run_arrivals(eng, {0: [prompts[0]], 2: [prompts[1]], 4: [prompts[2], prompts[0]]}, GREEDY)
     assert [outputs[k] for k in range(4)] == [expected[0], expected[1], expected[2], expected[0]]
     assert np.isfinite(eng.stats().fragmentation)
+
+
+# -- admission with a runner's own limit (Seq2SeqRunner: encoder rows) -----------------------------------
+@pytest.mark.parametrize(
+    "limit, max_sequences, admitted",
+    [(None, 8, [0, 1, 2]), (2, 8, [0, 1]), (0, 8, []), (5, 2, [0, 1])],
+    ids=["no-limit", "limit-2", "limit-0", "max-sequences-first"],
+)
+def test_scheduler_admits_at_most_the_runners_limit(limit, max_sequences, admitted):
+    from kvarray.ort.scheduler import Request, Scheduler
+
+    sched = Scheduler(capacity=64, max_sequences=max_sequences, prefill_chunk=4, max_batch_tokens=16,
+                      prefix_sharing=False)
+    for k in range(3):  # 3 requests of 4 cells each: all fit in the cells
+        sched.waiting.append(Request(k, np.arange(3), GREEDY, 4, frozenset(), np.random.default_rng(0)))
+    assert sched.admit(free_cells=64, held=lambda seq: 0, limit=limit) == []
+    assert [r.id for r in sched.running] == admitted
+    assert [r.id for r in sched.waiting] == [k for k in range(3) if k not in admitted]  # order kept
+
+
+def test_seq2seq_engine_shares_the_engine_lifecycle():
+    """One lifecycle: both engines are `EngineCore`s; what differs is the runner."""
+    from kvarray.ort.engine import EngineCore
+    from kvarray.ort.seq2seq import Seq2SeqEngine
+
+    for name in ("step", "stream", "cancel", "pop", "request", "_step", "_admit", "_free"):
+        assert getattr(Seq2SeqEngine, name) is getattr(Engine, name) is getattr(EngineCore, name)
