@@ -18,7 +18,10 @@ def _info(args: argparse.Namespace) -> int:
     from .xp import cupy_unavailable_reason, default_namespace
 
     print(f"kvarray {__version__} on Python {platform.python_version()} ({platform.machine()})")
-    print(f"numpy {np.__version__}, numba {numba.__version__}, CPU threads for kernels: {numba.get_num_threads()}")
+    print(
+        f"numpy {np.__version__}, numba {numba.__version__}, "
+        f"CPU threads for kernels: {numba.get_num_threads()}"
+    )
     why = cupy_unavailable_reason()
     print(f"default backend: {default_namespace().__name__}")
     print(f"cuda backend: {'usable' if not why else 'not usable: ' + why}")
@@ -64,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="backend, devices, compiled kernels and versions")
     info.set_defaults(run=_info)
-    export = commands.add_parser("export", help="export a Hugging Face checkpoint to kvarray's native ONNX graphs")
+    export = commands.add_parser(
+        "export", help="export a Hugging Face checkpoint to kvarray's native ONNX graphs"
+    )
     export.add_argument("checkpoint", help="folder with config.json and *.safetensors")
     export.add_argument("out", help="folder to write the graphs into")
     export.add_argument("--arch", required=True, choices=["llama", "t5", "whisper"])
@@ -73,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
     from .ort.cli_generate import add_generate_arguments
 
-    generate = commands.add_parser("generate", help="generate text with a model folder's native or Optimum graph")
+    generate = commands.add_parser(
+        "generate", help="generate text with a model folder's native or Optimum graph"
+    )
     add_generate_arguments(generate)
     generate.set_defaults(run=_generate)
     from .ort.cli_transcribe import add_transcribe_arguments

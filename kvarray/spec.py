@@ -15,7 +15,7 @@ from .errors import DTypeMismatch, ShapeMismatch
 KVDtype = Literal["float32", "float16", "int8"]
 KV_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")
 #: One storage dtype for keys and values, or a ``(key_dtype, value_dtype)`` pair.
-KVDtypeArg = Union[str, tuple[str, str]]
+KVDtypeArg = Union[str, tuple[str, str]]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 DEFAULT_GROUP_SIZE = 32
 SCALE_DTYPE = np.dtype(np.float16)
@@ -91,7 +91,9 @@ class KVSpec:
         in int8 (group 32) 16 * 2 * (512 + 16 * 2) = 17408 bytes, 0.53125 of that.
         """
         key, value = kv_dtype_pair(kv_dtype)
-        per_layer = row_bytes(self.row_values, key, group_size) + row_bytes(self.row_values, value, group_size)
+        per_layer = row_bytes(self.row_values, key, group_size) + row_bytes(
+            self.row_values, value, group_size
+        )
         return self.num_layers * per_layer
 
 

@@ -130,7 +130,8 @@ def from_dlpack(x: Any, xp: ModuleType | None = None) -> Any:
             return np.asarray(x)
         except (TypeError, BufferError, RuntimeError) as exc:  # e.g. bfloat16: no NumPy equivalent
             raise DTypeMismatch(
-                f"cannot view a {type(x).__name__} of dtype {getattr(x, 'dtype', '?')} as a NumPy array: {exc}"
+                f"cannot view a {type(x).__name__} of dtype {getattr(x, 'dtype', '?')} "
+                f"as a NumPy array: {exc}"
             ) from exc
     cupy = require_cupy()
     if xp is not cupy:

@@ -16,10 +16,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """cudasim tests need the simulator switched on for the whole process, and ptx tests need it off."""
     for item in items:
         if "cudasim" in item.keywords and not CUDASIM:
-            item.add_marker(pytest.mark.skip(reason="CUDA simulator tests run in their own process: "
-                                             "NUMBA_ENABLE_CUDASIM=1 pytest -m cudasim (tests/run.sh does)"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="CUDA simulator tests run in their own process: "
+                    "NUMBA_ENABLE_CUDASIM=1 pytest -m cudasim (tests/run.sh does)"
+                )
+            )
         if "ptx" in item.keywords and CUDASIM:
-            item.add_marker(pytest.mark.skip(reason="compile_ptx does not work while the CUDA simulator is on"))
+            item.add_marker(
+                pytest.mark.skip(reason="compile_ptx does not work while the CUDA simulator is on")
+            )
         if "gpu" in item.keywords and cupy_unavailable_reason():
             item.add_marker(pytest.mark.skip(reason=f"no usable CUDA device: {cupy_unavailable_reason()}"))
 

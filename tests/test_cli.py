@@ -17,7 +17,14 @@ def test_info_reports_backend_kernels_and_versions(capsys, monkeypatch):
     assert "default backend: numpy" in out or "default backend: cupy" in out
     assert "cuda backend: " in out
     assert "cpu kernels ready in" in out
-    for kernel in ("scatter_rows", "gather_rows", "move_rows", "quantize_int8", "dequantize_int8", "rope_shift"):
+    for kernel in (
+        "scatter_rows",
+        "gather_rows",
+        "move_rows",
+        "quantize_int8",
+        "dequantize_int8",
+        "rope_shift",
+    ):
         assert kernel in out
     assert "onnx " in out
 

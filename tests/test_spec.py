@@ -59,7 +59,7 @@ def test_int8_groups_must_tile_a_row():
 
 def test_rope_inv_freq_plain():
     inv = RopeSpec(theta=10000.0).inv_freq(8)
-    np.testing.assert_allclose(inv, [1.0, 10000 ** -0.25, 10000 ** -0.5, 10000 ** -0.75])
+    np.testing.assert_allclose(inv, [1.0, 10000**-0.25, 10000**-0.5, 10000**-0.75])
 
 
 def test_rope_partial_rotary_dims():
@@ -71,8 +71,9 @@ def test_rope_partial_rotary_dims():
 
 
 def test_rope_llama3_scaling_keeps_short_and_slows_long_wavelengths():
-    scaling = Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                            original_max_position_embeddings=8192)
+    scaling = Llama3Scaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
     plain = RopeSpec(theta=500000.0).inv_freq(128)
     scaled = RopeSpec(theta=500000.0, scaling=scaling).inv_freq(128)
     wavelen = 2 * math.pi / plain

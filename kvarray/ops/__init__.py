@@ -69,7 +69,8 @@ def _check_rows_match(rows_name: str, rows: Any, pool: Any) -> None:
     check_contiguous(rows_name, rows)
     if tuple(rows.shape[1:]) != tuple(pool.shape[1:]):
         raise ShapeMismatch(
-            f"{rows_name} rows are [kv_heads, head_dim] = {tuple(rows.shape[1:])}, the pool's are {tuple(pool.shape[1:])}"
+            f"{rows_name} rows are [kv_heads, head_dim] = {tuple(rows.shape[1:])}, "
+            f"the pool's are {tuple(pool.shape[1:])}"
         )
 
 
@@ -106,11 +107,15 @@ def gather_rows(pool: Any, indptr: Any, indices: Any, out: Any, scales: Any | No
     check_contiguous("out", out, writable=True)
     n_seq, heads, length, dim = out.shape
     if (heads, dim) != tuple(pool.shape[1:]):
-        raise ShapeMismatch(f"out is [S, H, L, D] with (H, D) = {(heads, dim)}, the pool's are {tuple(pool.shape[1:])}")
+        raise ShapeMismatch(
+            f"out is [S, H, L, D] with (H, D) = {(heads, dim)}, the pool's are {tuple(pool.shape[1:])}"
+        )
     check_dtype("indptr", indptr, INDEX_DTYPES)
     check_rank("indptr", indptr, 1, "[sequences + 1]")
     if indptr.shape[0] != n_seq + 1:
-        raise ShapeMismatch(f"indptr must have S + 1 = {n_seq + 1} entries for out's S = {n_seq}, got {indptr.shape[0]}")
+        raise ShapeMismatch(
+            f"indptr must have S + 1 = {n_seq + 1} entries for out's S = {n_seq}, got {indptr.shape[0]}"
+        )
     if not is_device_array(indptr):
         lengths = np.diff(indptr)
         if indptr[0] != 0 or (lengths < 0).any():
@@ -142,14 +147,18 @@ def move_rows(pools: Sequence[Any], src: Any, dst: Any, length: Any) -> None:
     rows = pools[0].shape[0]
     for i, pool in enumerate(pools):
         if pool.ndim < 1 or pool.shape[0] != rows:
-            raise ShapeMismatch(f"pools[{i}] has {pool.shape[0] if pool.ndim else 0} rows, pools[0] has {rows}")
+            raise ShapeMismatch(
+                f"pools[{i}] has {pool.shape[0] if pool.ndim else 0} rows, pools[0] has {rows}"
+            )
         check_contiguous(f"pools[{i}]", pool, writable=True)
     runs = src.shape[0] if getattr(src, "ndim", 0) == 1 else -1
     for name, arr in (("src", src), ("dst", dst), ("length", length)):
         check_dtype(name, arr, INDEX_DTYPES)
         check_rank(name, arr, 1, "[runs]")
         if arr.shape[0] != runs:
-            raise ShapeMismatch(f"src, dst and length must have one entry per run; {name} has {arr.shape[0]}, src {runs}")
+            raise ShapeMismatch(
+                f"src, dst and length must have one entry per run; {name} has {arr.shape[0]}, src {runs}"
+            )
     if not is_device_array(src):
         _check_runs(src, dst, length, rows)
     backend_for(*pools, src, dst, length).move_rows(pools, src, dst, length)
@@ -204,7 +213,9 @@ def _check_quant_pair(float_name: str, values: Any, q: Any, scales: Any) -> None
     if q.ndim < 1:
         raise ShapeMismatch("q must have a row axis first: [rows, ...]")
     if tuple(values.shape) != tuple(q.shape):
-        raise ShapeMismatch(f"{float_name} and q must have one shape, got {tuple(values.shape)} and {tuple(q.shape)}")
+        raise ShapeMismatch(
+            f"{float_name} and q must have one shape, got {tuple(values.shape)} and {tuple(q.shape)}"
+        )
     check_contiguous(float_name, values)
     check_contiguous("q", q, writable=True)
     check_scales("q", q, scales)

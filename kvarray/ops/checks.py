@@ -38,7 +38,9 @@ def check_rank(name: str, x: Any, rank: int, layout: str) -> None:
 def check_contiguous(name: str, x: Any, writable: bool = False) -> None:
     flags = x.flags
     if not flags["C_CONTIGUOUS"]:
-        raise LayoutError(f"{name} must be C-contiguous (got strides {tuple(x.strides)}); pass a contiguous copy")
+        raise LayoutError(
+            f"{name} must be C-contiguous (got strides {tuple(x.strides)}); pass a contiguous copy"
+        )
     if writable and not is_device_array(x) and not flags["WRITEABLE"]:
         raise LayoutError(f"{name} must be writable")
 
@@ -73,9 +75,15 @@ def check_scales(pool_name: str, pool: Any, scales: Any | None) -> int:
     check_dtype("scales", scales, (SCALE,))
     check_contiguous("scales", scales, writable=True)
     values = int(np.prod(pool.shape[1:], dtype=np.int64))
-    if scales.ndim != 2 or scales.shape[0] != pool.shape[0] or scales.shape[1] == 0 or values % scales.shape[1]:
+    if (
+        scales.ndim != 2
+        or scales.shape[0] != pool.shape[0]
+        or scales.shape[1] == 0
+        or values % scales.shape[1]
+    ):
         raise ShapeMismatch(
-            f"scales of an int8 pool of shape {tuple(pool.shape)} must be [{pool.shape[0]}, {values} // group_size], "
+            f"scales of an int8 pool of shape {tuple(pool.shape)} must be "
+            f"[{pool.shape[0]}, {values} // group_size], "
             f"got {tuple(scales.shape)}"
         )
     return values // scales.shape[1]

@@ -89,7 +89,9 @@ def scatter_rows(
         _launch(quantize_rows, nbytes, _bits(rows).reshape(n_rows, -1), cells64, flat, _bits(scales))
     elif rows.dtype == pool.dtype:
         stream = nbytes >= STREAM_BYTES
-        _launch(scatter_copy, nbytes, _row_bytes(pool, pool.shape[0]), _row_bytes(rows, n_rows), cells64, stream)
+        _launch(
+            scatter_copy, nbytes, _row_bytes(pool, pool.shape[0]), _row_bytes(rows, n_rows), cells64, stream
+        )
     else:
         flat = _bits(pool).reshape(pool.shape[0], -1)
         _launch(scatter_convert, nbytes, flat, _bits(rows).reshape(n_rows, -1), cells64)
@@ -133,7 +135,9 @@ def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
     if n_rows == 0 or x.size == 0:
         return
     cells = np.arange(n_rows, dtype=np.int64)
-    _launch(quantize_rows, x.nbytes, _bits(x).reshape(n_rows, -1), cells, q.reshape(n_rows, -1), _bits(scales))
+    _launch(
+        quantize_rows, x.nbytes, _bits(x).reshape(n_rows, -1), cells, q.reshape(n_rows, -1), _bits(scales)
+    )
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:

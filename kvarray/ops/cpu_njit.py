@@ -39,7 +39,7 @@ def _parallel(fn: Any) -> Any:
     twin.__qualname__ = fn.__qualname__ + "_serial"
     twin.__doc__ = fn.__doc__
     dispatcher = numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")(fn)
-    dispatcher.serial = _serial(twin)
+    dispatcher.serial = _serial(twin)  # type: ignore[attr-defined]
     return dispatcher
 
 #: Positions of one gather work item (a block of one sequence), so a single long sequence still splits.

@@ -26,7 +26,7 @@ FLOAT16_MAX = np.float16(65504.0)
 
 
 def _quantize_groups(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize rows ``x [R, C]`` (any float dtype) in `groups` groups per row -> ``(q [R, C], s [R, groups])``."""
+    """Quantize rows ``x [R, C]`` (any float dtype), `groups` groups a row: ``(q [R, C], s [R, groups])``."""
     rows = x.shape[0]
     g = x.reshape(rows, groups, x.shape[1] // groups).astype(np.float32)  # explicit sizes: rows may be 0
     absmax = np.abs(g).max(axis=2) if g.shape[2] else np.zeros((rows, groups), np.float32)
@@ -54,7 +54,7 @@ def _row_values(a: np.ndarray) -> int:
 
 
 def quantize_int8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
-    """Quantize ``x [R, ...]`` float16/float32 into ``q`` (same shape, int8) and ``scales [R, C // g]`` float16.
+    """Quantize ``x [R, ...]`` float16/float32 into ``q`` (x's shape, int8) and ``scales [R, C // g]``.
 
     C is the number of values in one row (``prod(x.shape[1:])``); each row is cut into ``scales.shape[1]``
     groups of g consecutive values.
@@ -126,8 +126,8 @@ def move_rows(pools: Sequence[np.ndarray], src: np.ndarray, dst: np.ndarray, len
     """
     if len(src) == 0:
         return
-    from_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(src, length)])
-    to_rows = np.concatenate([np.arange(d, d + n) for d, n in zip(dst, length)])
+    from_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(src, length, strict=True)])
+    to_rows = np.concatenate([np.arange(d, d + n) for d, n in zip(dst, length, strict=True)])
     for pool in pools:
         pool[to_rows] = pool[from_rows].copy()
 

@@ -135,7 +135,8 @@ class _HFStream:
     """Decodes the whole sequence so far and emits the new suffix (correct for any tokenizer, O(n) each)."""
 
     def __init__(self, tok: _HFTokenizer) -> None:
-        self.tok, self.ids, self.text = tok, [], ""
+        self.tok, self.text = tok, ""
+        self.ids: list[int] = []
 
     def feed(self, token: int) -> str:
         self.ids.append(int(token))
