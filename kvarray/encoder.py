@@ -17,6 +17,7 @@ longest entry of the batch, H kv heads, D head_dim, g values per int8 group.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -496,15 +497,43 @@ class EncoderCache:
         if self._staging.held.get(("cross", which, layer)) == held:
             return buf
         offset = 0
-        for dtype, start, n in plan.runs:
-            src, dst = self._pools[dtype, which, layer][start : start + n], buf[offset : offset + n]
-            if dtype == "int8":
-                ops.dequantize_int8(src, self._scales[dtype, which, layer][start : start + n], dst)
-            else:
-                self.xp.copyto(dst, src)
-            offset += n
+        for dtype, group in itertools.groupby(plan.runs, key=lambda run: run[0]):
+            runs = list(group)
+            starts = np.asarray([start for _, start, _ in runs], np.int64)
+            counts = np.asarray([n for _, _, n in runs], np.int64)
+            total = int(counts.sum())
+            pool, scales = self._pools[dtype, which, layer], self._scales.get((dtype, which, layer))
+            dst = buf[offset : offset + total]
+            if scales is None:  # float rows: one copy a run (a large copy beats any per-row kernel)
+                at = 0
+                for start, n in zip(starts.tolist(), counts.tolist(), strict=True):
+                    self.xp.copyto(dst[at : at + n], pool[start : start + n])
+                    at += n
+            else:  # int8 rows: one dequantizing kernel call for every run
+                self._dequantize_runs(pool, scales, starts, counts, dst)
+            offset += total
         self._staging.held["cross", which, layer] = held
         return buf
+
+    def _dequantize_runs(
+        self, pool: Any, scales: Any, starts: np.ndarray, counts: np.ndarray, out: Any
+    ) -> None:
+        """Rows ``[starts[r], starts[r] + counts[r])`` of the int8 ``pool [N, H, D]`` (``scales [N, C // g]``)
+        dequantized side by side into ``out [sum(counts), H, D]``, in one kernel call.
+
+        A gather with one sequence and one "head" of all C = H * D values: its HND output ``[1, 1, L, C]``
+        is exactly the NHD rows wanted, and the kernel dequantizes every run in one parallel call."""
+        rows, values = pool.shape[0], math.prod(pool.shape[1:])
+        total = int(counts.sum())
+        indices = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total, dtype=np.int64)
+        indptr = np.array([0, total], np.int64)
+        ops.gather_rows(
+            pool.reshape(rows, 1, values),
+            self._device.convert(indptr),
+            self._device.convert(indices),
+            out.reshape(1, 1, total, values),
+            scales=scales,
+        )
 
     def _gathered(self, plan: CrossPlan, layer: int) -> GatheredView:
         """Each sequence's entry into ``[S, H, L, D]`` buffers (spec dtype) with `ops.gather_rows`, one call
