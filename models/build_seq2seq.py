@@ -84,14 +84,6 @@ def decoder_prompts(start: int) -> list[list[int]]:
     return [[start], [start, 65, 66], [start, 9]]
 
 
-def whisper_features(n_mels: int, count: int, seed: int = FEATURES_SEED) -> list[np.ndarray]:
-    """The Whisper references' input features, ``[n_mels, 3000]`` float32 each (not committed)."""
-    return [
-        np.random.default_rng(seed + k).standard_normal((n_mels, 3000), dtype=np.float32)
-        for k in range(count)
-    ]
-
-
 def optimum_export(folder: Path, task: str) -> Path:
     """`build.optimum_export` of folder/checkpoint with `task`, keeping only the files listed below."""
     out = build.optimum_export(folder, task)
@@ -143,7 +135,9 @@ def build_whisper(timing: bool = False) -> None:
     WhisperFeatureExtractor(feature_size=TINY_WHISPER["num_mel_bins"]).save_pretrained(
         str(folder / "checkpoint")
     )
-    sources = whisper_features(TINY_WHISPER["num_mel_bins"], 3)
+    from kvarray.export.reference import whisper_features
+
+    sources = whisper_features(TINY_WHISPER["num_mel_bins"], 3, FEATURES_SEED)
     _finish(folder, "whisper", "automatic-speech-recognition-with-past", sources, byte_tokenizer.BOS_ID)
 
 

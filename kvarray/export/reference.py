@@ -185,3 +185,21 @@ def seq2seq_reference(
             out[f"generated_{k}"] = full[0, len(prompt) :].numpy().astype(np.int64)
             out[f"logits_{k}"] = logits.astype(np.float32)
     return out
+
+
+def whisper_features(n_mels: int, count: int, seed: int) -> list[np.ndarray]:
+    """The Whisper references' input features, ``[n_mels, 3000]`` float32 each: ``count`` draws of
+    ``numpy.random.default_rng(seed + k).standard_normal`` (regenerated, never committed)."""
+    return [
+        np.random.default_rng(seed + k).standard_normal((n_mels, 3000), dtype=np.float32)
+        for k in range(count)
+    ]
+
+
+def reference_sources(reference: dict[str, np.ndarray], n_mels: int = 80) -> list[np.ndarray]:
+    """The encoder inputs of a seq2seq reference.npz: T5's ``encoder_{k}`` token ids, or Whisper's features
+    regenerated from its ``features_seed``."""
+    count = len([n for n in reference if n.startswith("prompt_")])
+    if "features_seed" in reference:
+        return whisper_features(n_mels, count, int(reference["features_seed"]))
+    return [reference[f"encoder_{k}"] for k in range(count)]

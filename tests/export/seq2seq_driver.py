@@ -17,6 +17,7 @@ import onnxruntime as ort
 from graph_driver import N_KV_MULTIPLE, NEG_INF, GraphDriver, check_rows, greedy, session
 
 from kvarray.export import read_metadata
+from kvarray.export.reference import reference_sources
 
 
 class _WithExtraFeeds:
@@ -110,19 +111,6 @@ class Seq2SeqDriver(GraphDriver):
         return logits
 
 
-def sources_of(reference: dict[str, np.ndarray], n_mels: int = 80) -> list[np.ndarray]:
-    """The encoder inputs of a seq2seq reference.npz: T5's ``encoder_{k}`` token ids, or Whisper's features
-    regenerated from ``features_seed`` (models/build_seq2seq.py's recipe, not stored)."""
-    count = len([n for n in reference if n.startswith("prompt_")])
-    if "features_seed" in reference:
-        seed = int(reference["features_seed"])
-        return [
-            np.random.default_rng(seed + k).standard_normal((n_mels, 3000), dtype=np.float32)
-            for k in range(count)
-        ]
-    return [reference[f"encoder_{k}"] for k in range(count)]
-
-
 def run_greedy(
     encoder: str | Path,
     decoder: str | Path,
@@ -146,7 +134,7 @@ def check_seq2seq(
 ) -> float:
     """Run sequences `batch` of `reference` together; assert every logits row within `tolerance` and the
     greedy tokens equal; return the max |logit difference|."""
-    sources = sources_of(reference, n_mels)
+    sources = reference_sources(reference, n_mels)
     prompts = [reference[f"prompt_{k}"].tolist() for k in batch]
     rows, chosen = run_greedy(encoder, decoder, [sources[k] for k in batch], prompts, first_cell=5)
     return check_rows(reference, batch, rows, chosen, tolerance)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY, drop_tensor, edit_config, prompts_of
+from export_helpers import TINY, drop_tensor, edit_config, prompts_of
 from graph_driver import GraphDriver
 from numpy_llama import LLAMA3_ROPE, forward, write_checkpoint
 

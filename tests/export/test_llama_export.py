@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY, TRAINED, prompts_of
+from export_helpers import TINY, TRAINED, prompts_of
 from graph_driver import GraphDriver, check_rows, greedy
 
 from kvarray.export import read_metadata

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from export_helpers import (
     MODELS,
     Exports,
     assert_same_reference,
@@ -22,11 +22,11 @@ from conftest import (
     load_reference,
     prompts_of,
 )
-from seq2seq_driver import Seq2SeqDriver, check_seq2seq, committed_graphs, run_greedy, sources_of
+from seq2seq_driver import Seq2SeqDriver, check_seq2seq, committed_graphs, run_greedy
 
 from kvarray.errors import DTypeMismatch, MissingTensor, ShapeMismatch, UnsupportedModel
 from kvarray.export import export, read_metadata
-from kvarray.export.reference import torch_unavailable_reason
+from kvarray.export.reference import reference_sources, torch_unavailable_reason
 
 T5 = MODELS / "tiny-t5-random"
 TOLERANCE = 1e-4
@@ -58,7 +58,7 @@ def test_each_sequence_alone_matches_reference(reference, graphs, view, batch):
 
 @pytest.mark.parametrize("view", ["pool", "gathered"])
 def test_flat_batch_equals_each_sequence_alone(reference, graphs, view):
-    sources = sources_of(reference)
+    sources = reference_sources(reference)
     prompts = prompts_of(reference)
     together, chosen = run_greedy(*graphs("float32", view), sources, prompts)
     for k in range(3):
@@ -163,7 +163,7 @@ def test_committed_reference_is_what_transformers_computes(reference):
     from kvarray.export.reference import seq2seq_reference
 
     prompts = prompts_of(reference)
-    fresh = seq2seq_reference(T5 / "checkpoint", sources_of(reference), prompts)
+    fresh = seq2seq_reference(T5 / "checkpoint", reference_sources(reference), prompts)
     assert_same_reference(fresh, reference)
 
 

@@ -8,7 +8,7 @@ with their native graphs.
 from __future__ import annotations
 
 import pytest
-from conftest import TINY, assert_same_reference, prompts_of
+from export_helpers import TINY, assert_same_reference, prompts_of
 from graph_driver import GraphDriver
 from numpy_llama import LLAMA3_ROPE, SIZES
 from test_llama_export import NEW_TOKENS, TOLERANCE, check_against

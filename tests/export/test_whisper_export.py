@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from export_helpers import (
     MODELS,
     Exports,
     assert_same_reference,
@@ -22,11 +22,11 @@ from conftest import (
     load_reference,
     prompts_of,
 )
-from seq2seq_driver import check_seq2seq, committed_graphs, run_greedy, sources_of
+from seq2seq_driver import check_seq2seq, committed_graphs, run_greedy
 
 from kvarray.errors import MissingTensor, ShapeMismatch, SpecMismatch, UnsupportedModel
 from kvarray.export import export, read_metadata
-from kvarray.export.reference import torch_unavailable_reason
+from kvarray.export.reference import reference_sources, torch_unavailable_reason
 
 WHISPER = MODELS / "tiny-whisper-random"
 TOLERANCE = 1e-4
@@ -57,7 +57,7 @@ def test_each_sequence_alone_matches_reference(reference, graphs, view):
 
 
 def test_flat_batch_equals_each_sequence_alone(reference, graphs):
-    sources = sources_of(reference)
+    sources = reference_sources(reference)
     prompts = prompts_of(reference)
     together, chosen = run_greedy(*graphs(), sources, prompts)
     for k in range(3):
@@ -139,7 +139,7 @@ def test_committed_reference_is_what_transformers_computes(reference):
     from kvarray.export.reference import seq2seq_reference
 
     prompts = prompts_of(reference)
-    fresh = seq2seq_reference(WHISPER / "checkpoint", sources_of(reference), prompts)
+    fresh = seq2seq_reference(WHISPER / "checkpoint", reference_sources(reference), prompts)
     assert_same_reference(fresh, {name: value for name, value in reference.items() if name in fresh})
 
 

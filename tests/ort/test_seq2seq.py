@@ -11,10 +11,11 @@ import wave
 
 import numpy as np
 import pytest
-from ort_models import T5, WHISPER, seq2seq_sources
+from ort_models import T5, WHISPER
 
 from kvarray.cli import main
 from kvarray.errors import EmptyPrompt, PromptTooLong, ShapeMismatch, UnknownRequest, UnknownToken
+from kvarray.export.reference import reference_sources
 from kvarray.ort import SamplingParams, is_zero_copy
 from kvarray.ort.scheduler import FinishReason
 from kvarray.ort.seq2seq import Seq2SeqConfig, Seq2SeqEngine
@@ -30,7 +31,7 @@ def model(request: pytest.FixtureRequest) -> tuple[str, list, list[list[int]], l
     count = len([n for n in ref if n.startswith("prompt_")])
     prompts = [ref[f"prompt_{k}"].tolist() for k in range(count)]
     expected = [ref[f"generated_{k}"].tolist() for k in range(count)]
-    return request.param, seq2seq_sources(ref), prompts, expected
+    return request.param, reference_sources(ref), prompts, expected
 
 
 def engine_of(arch: str, **config: object) -> Seq2SeqEngine:
