@@ -155,8 +155,8 @@ class _HFStream:
 def load_tokenizer(folder: str | Path) -> ByteTokenizer | _HFTokenizer:
     """The tokenizer of ``folder/tokenizer.json`` (see the module docstring).
 
-    Raises `TokenizerError`: no tokenizer.json, or one that is not byte-level while `tokenizers` is not
-    installed.
+    Raises `TokenizerError`: no tokenizer.json, one that is not byte-level while `tokenizers` is not
+    installed, or one that `tokenizers` cannot read.
     """
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
@@ -172,4 +172,7 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | _HFTokenizer:
             f"{path} is not a byte-level tokenizer and the `tokenizers` package is not installed "
             "(pip install tokenizers)"
         ) from None
-    return _HFTokenizer(HFTokenizer.from_file(str(path)))
+    try:
+        return _HFTokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as exc:  # the library raises a bare Exception for a malformed file
+        raise TokenizerError(f"{path} cannot be read by the `tokenizers` package: {exc}") from exc

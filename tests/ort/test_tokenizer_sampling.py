@@ -30,13 +30,19 @@ def test_byte_tokenizer_reads_the_committed_tokenizer_json():
 
 def test_other_tokenizers_need_the_tokenizers_package(tmp_path):
     data = json.loads((TRAINED / "checkpoint" / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["ab"] = max(vocab.values()) + 1  # one merge: no longer the plain byte-level vocabulary
     data["model"]["merges"] = [["a", "b"]]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     if importlib.util.find_spec("tokenizers") is None:
         with pytest.raises(TokenizerError, match="not installed"):
             load_tokenizer(tmp_path)
     else:
-        assert load_tokenizer(tmp_path).encode("ab")
+        assert load_tokenizer(tmp_path).encode("ab") == [vocab["ab"]]
+        data["model"]["merges"] = [["a", "z"]]  # a merge whose result is not in the vocabulary
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+        with pytest.raises(TokenizerError, match="cannot be read"):
+            load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
 
