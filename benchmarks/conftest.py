@@ -8,6 +8,7 @@ table printed at the end of the session. pytest-benchmark is off by default (set
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,3 +70,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(f"{'benchmark':44} {'GB/s':>7} {'copyto':>7} {'ratio':>6}")
     for name, gbps, reference, ratio in _RESULTS:
         terminalreporter.write_line(f"{name:44} {gbps:7.2f} {reference:7.2f} {ratio:6.2f}")
+
+
+@pytest.fixture(scope="session")
+def print_table(request: pytest.FixtureRequest) -> Callable[[str, list[tuple[str, str]], int], None]:
+    """``print_table(title, rows, width)``: write ``(name, line)`` rows under `title` to the terminal, even
+    from a fixture's teardown (whose output pytest captures unless capturing is suspended)."""
+
+    def write(title: str, rows: list[tuple[str, str]], width: int) -> None:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if not rows or reporter is None:
+            return
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.write_line("")
+            reporter.write_sep("-", title)
+            for name, line in rows:
+                reporter.write_line(f"{name:{width}} {line}")
+
+    return write

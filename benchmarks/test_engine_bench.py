@@ -30,7 +30,6 @@ A peer that cannot be set up or run is recorded with the reason (a row in the ta
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -38,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -285,18 +284,10 @@ def peers() -> Iterator[Peers]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def summary(request: pytest.FixtureRequest) -> Iterator[None]:
+def summary(print_table: Callable[[str, list[tuple[str, str]], int], None]) -> Iterator[None]:
     """Print the module's figures as one table when it is done (also in each benchmark's extra_info)."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if not _ROWS or reporter is None:
-        return
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        reporter.write_line("")
-        reporter.write_sep("-", f"bench-llama engine: kvarray against its peers ({THREADS} threads each)")
-        for name, line in _ROWS:
-            reporter.write_line(f"{name:24} {line}")
+    print_table(f"bench-llama engine: kvarray against its peers ({THREADS} threads each)", _ROWS, 24)
 
 
 def timed_generate(peer: Peer, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float]:

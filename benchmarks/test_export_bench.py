@@ -22,7 +22,6 @@ vocab 32000) lives in models/bench-llama/ (git-ignored); it is built on demand, 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -136,21 +135,11 @@ def graphs(build: ModuleType, checkpoint: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def summary(request: pytest.FixtureRequest) -> Iterator[None]:
+def summary(print_table: Callable[[str, list[tuple[str, str]], int], None]) -> Iterator[None]:
     """Print the module's figures as one table when it is done (also in each benchmark's extra_info)."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if not _ROWS or reporter is None:
-        return
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    # teardown output is captured unless capturing is suspended
-    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        reporter.write_line("")
-        reporter.write_sep(
-            "-", f"bench-llama: export and decode step (ORT {ort.__version__}, {THREADS} threads)"
-        )
-        for name, line in _ROWS:
-            reporter.write_line(f"{name:36} {line}")
+    title = f"bench-llama: export and decode step (ORT {ort.__version__}, {THREADS} threads)"
+    print_table(title, _ROWS, 36)
 
 
 def load_average() -> float:
