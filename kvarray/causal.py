@@ -110,6 +110,7 @@ class CausalCache:
             check_group_size(spec.row_values, self.group_size)
         self.defrag_threshold = defrag_threshold
         self.xp = default_namespace() if xp is None else xp
+        self._row_shape, self._row_dtype = (spec.num_kv_heads, spec.head_dim), np.dtype(spec.dtype)
         self._cells = Cells(capacity, max_sequences, window, sinks)
         # storage: one entry per layer
         shape = (capacity, spec.num_kv_heads, spec.head_dim)
@@ -121,12 +122,17 @@ class CausalCache:
                 self._pools[which].append(resident_zeros(self.xp, shape, name))
                 scales = resident_zeros(self.xp, scale_shape, SCALE_DTYPE) if name == "int8" else None
                 self._scales[which].append(scales)
-        self._kernels = ops.backend_for(self._pools[0][0])  # the pools' side never changes
+        # each layer's put: one prepared writer for its two pools (one kernel call where the backend can)
+        self._writers = [
+            ops.kv_writer(self._pools[0][i], self._pools[1][i], self._scales[0][i], self._scales[1][i])
+            for i in range(spec.num_layers)
+        ]
         # this forward pass
         self._plan: ForwardPlan | None = None
         self._slots = np.empty(0, np.int64)  # the plan's slot_mapping as the kernels' index dtype
         self._device = DeviceCopies(self.xp)
         self._heads: tuple[int, list[tuple[Any, Any, Any, Any]]] = (0, [])  # (n_kv, each layer's slices)
+        self._views: dict[int, PoolView | PageTable] = {}  # this plan's: layer -> PoolView, -1 -> PageTable
         self._staging = StagingBuffers(self.xp)
         self._biases = StagingBuffers(np)  # the plans' biases: host arrays reused from pass to pass
         # counters
@@ -179,10 +185,8 @@ class CausalCache:
         if count == 0:
             return
         # The plan's slot mapping was checked once in start_forward (distinct, in range) and the pools at
-        # construction, so the backend kernel is called directly: no per-layer scan of the indices.
-        slots = self._device.get("slot_mapping", self._slots)
-        for which, rows in enumerate(arrays):
-            self._kernels.scatter_rows(self._pools[which][layer], rows, slots, self._scales[which][layer])
+        # construction, so the layer's writer runs directly: no per-layer scan of the indices.
+        self._writers[layer](arrays[0], arrays[1], self._device.get("slot_mapping", self._slots))
 
     def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:
         """What `layer` reads in this pass: every cell the batch's tokens may attend to, their own included.
@@ -198,15 +202,14 @@ class CausalCache:
         plan = self._current_plan()
         check_layer(layer, self.spec.num_layers)
         kind = View.POOL if view is View.POOL or view == "pool" else View.parse(view)
-        if kind is View.POOL:
-            return PoolView(*self._pool_slices(plan.n_kv)[layer], self._device.get("bias", plan.bias))
+        if kind is not View.GATHERED:  # built once per plan: the pool view per layer, the page table once
+            key = layer if kind is View.POOL else -1
+            found = self._views.get(key)
+            if found is None:
+                found = self._pool_view(plan, layer) if key >= 0 else self._page_table(plan)
+                self._views[key] = found
+            return found
         pages = plan.page_table
-        if kind is View.PAGES:
-            return PageTable(
-                self._device.get("kv_indptr", pages.kv_indptr),
-                self._device.get("kv_indices", pages.kv_indices),
-                self._device.get("kv_last_page_len", pages.kv_last_page_len),
-            )
         lengths = plan.gathered_lengths
         width = int(lengths.max(initial=0))
         indptr = self._device.get("kv_indptr", pages.kv_indptr)
@@ -257,6 +260,7 @@ class CausalCache:
             cells.n_kv, cells.window, cells.sinks, cells, cells.generation, self._biases,
         )
         self._device.clear()
+        self._views.clear()
         return self._plan
 
     def remove(self, seq: int, begin: int = 0, end: int | None = None) -> int:
@@ -395,9 +399,11 @@ class CausalCache:
         """Release the pools and staging buffers; any later use raises `CacheClosed`. Idempotent."""
         self._pools = [[], []]
         self._scales = [[], []]
+        self._writers = []
         self._staging.clear()
         self._device.clear()
         self._heads = (0, [])
+        self._views.clear()
         self._plan = None
         self._closed = True
 
@@ -420,9 +426,23 @@ class CausalCache:
         return self._plan
 
     def _check_rows(self, name: str, arr: Any, count: int) -> Any:
+        fast = type(arr) is np.ndarray and self.xp is np and arr.dtype == self._row_dtype
+        if fast and arr.shape == (count, *self._row_shape) and arr.flags.c_contiguous:
+            return arr  # what a model loop passes: nothing to convert or report
         spec = self.spec
         dtypes = (np.dtype(spec.dtype),)
         return check_rows(name, arr, self.xp, count, spec.num_kv_heads, spec.head_dim, dtypes)
+
+    def _pool_view(self, plan: ForwardPlan, layer: int) -> PoolView:
+        return PoolView(*self._pool_slices(plan.n_kv)[layer], self._device.get("bias", plan.bias))
+
+    def _page_table(self, plan: ForwardPlan) -> PageTable:
+        pages = plan.page_table
+        return PageTable(
+            self._device.get("kv_indptr", pages.kv_indptr),
+            self._device.get("kv_indices", pages.kv_indices),
+            self._device.get("kv_last_page_len", pages.kv_last_page_len),
+        )
 
     def _pool_slices(self, n: int) -> list[tuple[Any, Any, Any, Any]]:
         """Each layer's ``(keys[:n], values[:n], key_scales[:n], value_scales[:n])`` (views, kept while n_kv

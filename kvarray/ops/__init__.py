@@ -10,7 +10,7 @@ S sequences, L padded length, C = H * D values per row and g values per int8 gro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "backend_for",
     "dequantize_int8",
     "gather_rows",
+    "kv_writer",
     "move_rows",
     "quantize_int8",
     "rope_shift",
@@ -55,6 +56,28 @@ def backend_for(*arrays: Any) -> ModuleType:
     from . import cpu
 
     return cpu
+
+
+def kv_writer(
+    key_pool: Any, value_pool: Any, key_scales: Any | None = None, value_scales: Any | None = None
+) -> Callable[[Any, Any, Any], None]:
+    """``write(keys, values, cells)``: `scatter_rows` of ``keys [T, H, D]`` into ``key_pool [N, H, D]`` and of
+    ``values`` into ``value_pool`` at ``cells [T]`` int64, prepared once for one layer's pair of pools.
+
+    Not validated per call: for a cache's `put`, which checks the rows and owns the cells. The CPU backend
+    writes two float pools of one dtype in one kernel call; otherwise it is the backend's `scatter_rows`
+    twice.
+    """
+    backend = backend_for(key_pool, value_pool, key_scales, value_scales)
+    make = getattr(backend, "kv_writer", None)
+    if make is not None:
+        return make(key_pool, value_pool, key_scales, value_scales)
+
+    def write(keys: Any, values: Any, cells: Any) -> None:
+        backend.scatter_rows(key_pool, keys, cells, key_scales)
+        backend.scatter_rows(value_pool, values, cells, value_scales)
+
+    return write
 
 
 def _check_pool(name: str, pool: Any, scales: Any | None) -> int:

@@ -11,7 +11,7 @@ Shapes: N pool rows (cells), H kv heads, D head_dim, T rows, S sequences, L padd
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -31,9 +31,12 @@ from .cpu_njit import (
     rope_float,
     scatter_convert,
     scatter_copy,
+    scatter_copy_pair,
 )
 
-__all__ = ["dequantize_int8", "gather_rows", "move_rows", "quantize_int8", "rope_shift", "scatter_rows"]
+__all__ = [
+    "dequantize_int8", "gather_rows", "kv_writer", "move_rows", "quantize_int8", "rope_shift", "scatter_rows",
+]
 
 #: Calls moving fewer bytes than this run the serial twin of their kernel (no thread wake-up, see
 #: `cpu_njit._parallel`); a decode step's put of 64 rows of 2 KiB stays below it.
@@ -95,6 +98,38 @@ def scatter_rows(
     else:
         flat = _bits(pool).reshape(pool.shape[0], -1)
         _launch(scatter_convert, nbytes, flat, _bits(rows).reshape(n_rows, -1), cells64)
+
+
+def kv_writer(
+    key_pool: np.ndarray,
+    value_pool: np.ndarray,
+    key_scales: np.ndarray | None = None,
+    value_scales: np.ndarray | None = None,
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``write(keys, values, cells)``: `scatter_rows` of ``keys [T, H, D]`` into ``key_pool [N, H, D]`` and of
+    ``values [T, H, D]`` into ``value_pool``, at ``cells [T]`` int64, prepared once for a pair of pools.
+
+    Two float pools of one dtype, written with rows of that dtype, take one kernel call for both (the pools'
+    byte views are made here, once); other pairs (int8, a conversion) take two `scatter_rows` calls.
+    """
+    def write_each(keys: np.ndarray, values: np.ndarray, cells: np.ndarray) -> None:
+        scatter_rows(key_pool, keys, cells, key_scales)
+        scatter_rows(value_pool, values, cells, value_scales)
+
+    dtype = key_pool.dtype
+    if key_scales is not None or value_scales is not None or value_pool.dtype != dtype:
+        return write_each
+    key_bytes, value_bytes = key_pool.view(np.uint8), value_pool.view(np.uint8)
+
+    def write(keys: np.ndarray, values: np.ndarray, cells: np.ndarray) -> None:
+        if keys.dtype != dtype or values.dtype != dtype:
+            write_each(keys, values, cells)
+        elif len(keys):
+            nbytes = 2 * keys.nbytes
+            k, v = keys.view(np.uint8), values.view(np.uint8)
+            _launch(scatter_copy_pair, nbytes, key_bytes, value_bytes, k, v, cells, nbytes >= STREAM_BYTES)
+
+    return write
 
 
 def gather_rows(

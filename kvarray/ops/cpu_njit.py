@@ -302,6 +302,25 @@ def scatter_copy(pool, rows, cells, stream):
 
 
 @_parallel
+def scatter_copy_pair(key_pool, value_pool, keys, values, cells, stream):
+    """`scatter_copy` of keys and values into their two pools in one call (a decode step's put: one kernel
+    launch instead of two); ``key_pool``, ``value_pool`` ``[N, H, B]``, ``keys``, ``values`` ``[T, H, B]``
+    uint8 (B bytes a head)."""
+    size = keys.shape[1] * keys.shape[2]
+    n_rows = keys.shape[0]
+    for block in prange((n_rows + COPY_BLOCK - 1) // COPY_BLOCK):
+        for t in range(block * COPY_BLOCK, min(n_rows, (block + 1) * COPY_BLOCK)):
+            c = cells[t]
+            if 0 <= c < key_pool.shape[0]:
+                at = np.uint64(c * size)
+                row = np.uint64(t * size)
+                _copy_bytes(key_pool.ctypes.data + at, keys.ctypes.data + row, size, stream)
+                _copy_bytes(value_pool.ctypes.data + at, values.ctypes.data + row, size, stream)
+        if stream:
+            _store_fence()
+
+
+@_parallel
 def scatter_convert(pool, rows, cells):
     """``pool[cells[t]] = rows[t]`` converted between float16 bits and float32; ``[N, C]``, ``[T, C]``."""
     for t in prange(rows.shape[0]):
