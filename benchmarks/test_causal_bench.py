@@ -43,6 +43,25 @@ def test_decode_step(benchmark, sequences: int, view: str) -> None:
 
 
 @pytest.mark.parametrize("sequences", [8, 16, 32, 64])
+def test_decode_copy_floor(benchmark, sequences: int) -> None:
+    """The bytes a decode step must move, without a cache: 16 layers x (keys, values) of one row per
+    sequence written by NumPy fancy assignment into pools of the same size (us per step). Subtracted from
+    `test_decode_step` it leaves the cache's own cost."""
+    capacity = sequences * (CONTEXT + 2)
+    shape = (capacity, SPEC16.num_kv_heads, SPEC16.head_dim)
+    pools = [np.zeros(shape, np.float16) for _ in range(2 * SPEC16.num_layers)]
+    rows = np.zeros((sequences, *shape[1:]), np.float16)
+    cells = np.arange(sequences) * (CONTEXT + 2) + CONTEXT
+
+    def copies() -> None:
+        for pool in pools:
+            pool[cells] = rows
+
+    benchmark.pedantic(copies, rounds=60, warmup_rounds=5)
+    benchmark.extra_info.update(sequences=sequences, bytes=2 * SPEC16.num_layers * rows.nbytes)
+
+
+@pytest.mark.parametrize("sequences", [8, 16, 32, 64])
 def test_decode_bookkeeping_only(benchmark, sequences: int) -> None:
     """start_forward + the plan's page table and pool bias, no kernel calls (us per step)."""
     cache = CausalCache(SPEC16, capacity=sequences * (CONTEXT + 2), max_sequences=sequences, xp=np)

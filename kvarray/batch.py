@@ -47,7 +47,7 @@ def group_batch(seq_ids: object, positions: object) -> Batch:
     if ids.ndim != 1 or pos.ndim != 1 or ids.shape != pos.shape:
         raise ShapeMismatch(f"seq_ids and positions must be [T] each, got {ids.shape} and {pos.shape}")
     for name, arr in (("seq_ids", ids), ("positions", pos)):
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if arr.size and arr.dtype.kind not in "iu":  # signed or unsigned integers (not bool)
             raise ShapeMismatch(f"{name} must be integers, got {arr.dtype}")
     ids = ids.astype(np.int64, copy=True)
     pos = pos.astype(np.int64, copy=True)
