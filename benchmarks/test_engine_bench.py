@@ -5,12 +5,16 @@ model and transformers, same checkpoint, same prompts, one run. Figures: docs/en
   token; tokens/s = B * 128 / the whole call's seconds (prefill included), median of `REPEATS`. Rounds are
   interleaved: each kvarray round is preceded (benchmark setup) by one round of every peer, so the
   ratios kvarray / peer compare medians from the same minutes. kvarray: ``Engine.from_model_dir`` on the
-  native pool graph, ``EngineConfig(threads=2)``; its per-step Python overhead (everything outside
-  ``session.run``, from ``Engine.metrics``) is reported for all steps and for decode-only steps.
+  native graphs with ``EngineConfig(threads=2)`` and the default view "auto" (passes of one token per
+  sequence on the decode-view graph, the others on the pool-view graph; the passes each view ran are
+  reported); "kvarray-pool" is the same engine on the pool-view graph alone, run as one more peer. Its
+  per-step Python overhead (everything outside ``session.run``, from ``Engine.metrics``) is reported for
+  all steps and for decode-only steps.
   Greedy agreement: per sequence, the common prefix of each peer's tokens with kvarray's.
 - ``test_serving``: the serving workload of benchmarks/peers/workload.py (64 requests, prompts 16-512 and
   outputs 16-256 tokens uniform, Poisson arrivals at 4 requests/s, seed 6), in real time: kvarray's
-  continuous batching (16 running at most), Optimum and transformers as static batches of 16 in arrival
+  continuous batching (16 running at most; also "kvarray-pool"), Optimum and transformers as static
+  batches of 16 in arrival
   order (a batch starts when its last request has arrived and the previous batch is done), and
   onnxruntime-genai through its own ``og.Engine`` scheduler. Time to finish all (from the first
   arrival), time to first token (median, p90) and request latency.
@@ -108,17 +112,32 @@ class StepTimes:
 
 
 class KvarrayPeer:
-    name = "kvarray"
+    """kvarray's engine on the bench Llama's native graphs; `view`: "auto" (pool and gathered graphs, the
+    view picked per pass) or "pool"."""
 
-    def __init__(self) -> None:
+    def __init__(self, view: str = "auto") -> None:
         from kvarray.ort import Engine, EngineConfig, SamplingParams
 
+        self.name = "kvarray" if view == "auto" else f"kvarray-{view}"
         self.params = SamplingParams
         self.config = EngineConfig(
-            capacity=MAX_SEQUENCES * 768, max_sequences=MAX_SEQUENCES, threads=THREADS, prefix_sharing=True
+            capacity=MAX_SEQUENCES * 768,
+            max_sequences=MAX_SEQUENCES,
+            threads=THREADS,
+            prefix_sharing=True,
+            view=view,  # type: ignore[arg-type]
         )
         self.engine = Engine.from_model_dir(BENCH, self.config, graph="native")
         self.steps = StepTimes()
+
+    def passes_by_view(self) -> dict[str, int]:
+        """Passes run on each view since the engine was made (one view unless "auto")."""
+        from kvarray.ort.native import ViewSwitch
+
+        runner = self.engine.runner
+        if isinstance(runner, ViewSwitch):
+            return {view.value: count for view, count in runner.passes.items()}
+        return {runner.view.value: self.engine.metrics.steps}
 
     def greedy(self, new: int) -> Any:
         return self.params(max_new_tokens=new, stop_tokens=())  # the bench Llama has no eos: none here
@@ -249,13 +268,25 @@ class Peers:
     versions: dict[str, str]
 
 
+def twin_graphs() -> None:
+    """The bench Llama's decode- and gathered-view graphs ("auto"'s twins), exported by kvarray when the
+    folder lacks them (seconds each)."""
+    for view in ("decode", "gathered"):
+        if not (BENCH / "native" / f"decoder_step.{view}.float32.onnx").is_file():
+            from kvarray.export import export
+
+            export("llama", BENCH / "checkpoint", BENCH / "native", kv_dtype="float32", view=view)
+
+
 @pytest.fixture(scope="module")
 def peers() -> Iterator[Peers]:
     if not (BENCH / "native" / "decoder_step.pool.float32.onnx").is_file():
         pytest.skip("models/bench-llama is missing: python models/build.py --bench")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    twin_graphs()
     kv = KvarrayPeer()
-    others: dict[str, Peer] = {}
+    pool = KvarrayPeer("pool")
+    others: dict[str, Peer] = {pool.name: pool}
     unavailable: dict[str, str] = {}
     versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
     try:
@@ -280,6 +311,8 @@ def peers() -> Iterator[Peers]:
     for peer in others.values():
         if isinstance(peer, GenaiPeer):
             peer.close()
+        elif isinstance(peer, KvarrayPeer):
+            peer.engine.close()
     kv.engine.close()
 
 
@@ -332,10 +365,12 @@ def test_equal_batch(benchmark: Any, peers: Peers, batch: int) -> None:
     def kvarray() -> None:
         mine[:] = peers.kvarray.generate(prompts, new)[0]
 
+    views_before = peers.kvarray.passes_by_view()
     benchmark.pedantic(kvarray, setup=others, rounds=REPEATS, iterations=1)
     steps = peers.kvarray.steps  # the last round's steps
     if benchmark.disabled:
         return
+    views = {k: v - views_before.get(k, 0) for k, v in peers.kvarray.passes_by_view().items()}
     tokens = batch * new
     kv_tps = tokens / benchmark.stats.stats.median
     extra: dict[str, Any] = dict(
@@ -351,6 +386,7 @@ def test_equal_batch(benchmark: Any, peers: Peers, batch: int) -> None:
         step_ms_decode_median=round(
             statistics.median(s for s, p in zip(steps.step, steps.prefill, strict=True) if not p) * 1e3, 2
         ),
+        kvarray_passes_by_view=views,
         versions=peers.versions,
     )
     line = f"B={batch:2}  kvarray {kv_tps:6.1f} tok/s"
@@ -394,6 +430,8 @@ def test_serving(benchmark: Any, peers: Peers) -> None:
         try:
             if isinstance(peer, GenaiPeer):
                 results[name] = peer.ask(dict(op="serving", spec=spec.as_dict(), mode="engine"))
+            elif isinstance(peer, KvarrayPeer):
+                results[name] = dict(peer.serve(arrivals), mode=f"continuous, {peer.config.view} view")
             else:
                 results[name] = dict(
                     workload.run_static(arrivals, peer.generate, STATIC_BATCH), mode="static 16"
@@ -402,6 +440,8 @@ def test_serving(benchmark: Any, peers: Peers) -> None:
             failed[name] = f"{type(error).__name__}: {error}"
     mine: dict[str, Any] = {}
 
+    views_before = peers.kvarray.passes_by_view()
+
     def kvarray() -> None:
         mine.clear()
         mine.update(peers.kvarray.serve(arrivals), mode="continuous")
@@ -409,6 +449,9 @@ def test_serving(benchmark: Any, peers: Peers) -> None:
     benchmark.pedantic(kvarray, rounds=1, iterations=1)
     if benchmark.disabled:
         return
+    mine["passes_by_view"] = {
+        k: v - views_before.get(k, 0) for k, v in peers.kvarray.passes_by_view().items()
+    }
     extra: dict[str, Any] = dict(
         workload=spec.as_dict(),
         threads=THREADS,

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DTypeMismatch, IndexOutOfRange, ShapeMismatch
-from .xp import from_dlpack
+from .errors import DeviceMismatch, DTypeMismatch, IndexOutOfRange, ShapeMismatch
+from .xp import from_dlpack, is_device_array
 
 #: Staging buffers grow by this factor when too small, so that a growing batch reallocates rarely.
 GROWTH = 1.5
@@ -32,10 +32,10 @@ def check_rows(
     """`arr` as a C-contiguous ``[rows, heads, dim]`` array of namespace `xp` (zero-copy when it already
     is one), from any DLPack producer. O(1): shape and dtype only, never the values.
 
-    Raises `ShapeMismatch` (rank, head shape, then row count; `axis` names the rows in the message) or
-    `DTypeMismatch` (a dtype not in `dtypes`).
+    Raises `ShapeMismatch` (rank, head shape, then row count; `axis` names the rows in the message),
+    `DTypeMismatch` (a dtype not in `dtypes`) or `DeviceMismatch` (`host_rows`).
     """
-    out = from_dlpack(arr, xp)
+    out = host_rows(name, arr, xp)
     if out.ndim != 3 or tuple(out.shape[1:]) != (heads, dim):
         want = (rows, heads, dim)
         raise ShapeMismatch(f"{name} must be [{axis}, kv_heads, head_dim] = {want}, got {tuple(out.shape)}")
@@ -45,6 +45,17 @@ def check_rows(
         wanted = " or ".join(str(d) for d in dtypes)
         raise DTypeMismatch(f"{name} must be {wanted}, got {out.dtype}")
     return xp.ascontiguousarray(out)
+
+
+def host_rows(name: str, arr: Any, xp: ModuleType) -> Any:
+    """`arr` as an array of namespace `xp` (`from_dlpack`), refusing with `DeviceMismatch` an array in
+    CUDA memory for host (NumPy) pools: rows are never copied off a device behind the caller's back."""
+    if xp is np and is_device_array(arr):
+        raise DeviceMismatch(
+            f"{name} live on a CUDA device; this cache's pools are host NumPy arrays (xp=numpy): pass host "
+            "arrays, or build the cache with xp=cupy"
+        )
+    return from_dlpack(arr, xp)
 
 
 class DeviceCopies:

@@ -8,6 +8,7 @@ See docs/causal.md for the design, the mask rule and examples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -16,10 +17,25 @@ import numpy as np
 
 from . import ops
 from .batch import group_batch
-from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows
+from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows, host_rows
 from .cells import Cells, round_up
-from .cellstate import DefragPlan
-from .errors import CacheClosed, ConfigError, NoForwardPass, SpecMismatch
+from .cellstate import DefragPlan, expand_runs
+from .errors import CacheClosed, ConfigError, NoForwardPass, PositionError, SpecMismatch
+from .guard import (
+    INT64_MAX,
+    MAX_POSITION,
+    BookkeepingUndo,
+    RowBackup,
+    as_int,
+    check_batch_values,
+    check_finite,
+    check_layer_type,
+    exclusive,
+    exclusive_checked,
+    new_guard,
+    position,
+    seq_id,
+)
 from .spec import (
     DEFAULT_GROUP_SIZE,
     SCALE_DTYPE,
@@ -29,7 +45,17 @@ from .spec import (
     check_group_size,
     kv_dtype_pair,
 )
-from .state import STATE_FORMAT, build_state, check_common, config_json, load_state, save_state, write_pools
+from .state import (
+    STATE_FORMAT,
+    build_state,
+    check_cell_arrays,
+    check_cell_positions,
+    check_common,
+    config_json,
+    load_state,
+    save_state,
+    write_pools,
+)
 from .views import ForwardPlan, GatheredView, PageTable, PoolView, View
 from .xp import default_namespace, resident_zeros, to_numpy
 
@@ -82,6 +108,14 @@ class CausalCache:
         group_size: values per int8 scale (must divide ``num_kv_heads * head_dim``).
         defrag_threshold: fragmentation above which `start_forward` compacts the pools first (None: never).
         xp: array namespace of the pools (numpy or cupy); None: `kvarray.xp.default_namespace()`.
+        check_finite: `put` refuses keys or values holding NaN or infinity (`NonFiniteValues`); about
+            4 microseconds per ``[64, 8, 64]`` float16 array on the host, a reduction and a
+            synchronisation on a device. False skips the check for float pools; int8 pools always check
+            (a NaN or infinity would quantize to garbage). See docs/reliability.md.
+
+    One thread at a time: a call made while another thread is inside the cache raises `ConcurrentUse`.
+    Refused calls change nothing; `defrag` and `shift` are all-or-nothing; a `put` that fails inside
+    its kernel drops the pass's tokens (`abort_forward`). See docs/reliability.md.
 
     Pools, per layer: keys and values ``[capacity, H, D]`` (NHD) in their storage dtype; an int8 pool adds
     scales ``[capacity, H * D // group_size]`` float16.
@@ -100,7 +134,9 @@ class CausalCache:
         group_size: int = DEFAULT_GROUP_SIZE,
         defrag_threshold: float | None = 0.1,
         xp: ModuleType | None = None,
+        check_finite: bool = True,
     ) -> None:
+        self._guard = new_guard()  # `exclusive`: one thread at a time
         if defrag_threshold is not None and not 0.0 <= defrag_threshold <= 1.0:
             raise ConfigError(f"defrag_threshold must be in [0, 1] or None, got {defrag_threshold}")
         self.spec = spec
@@ -110,6 +146,13 @@ class CausalCache:
             check_group_size(spec.row_values, self.group_size)
         self.defrag_threshold = defrag_threshold
         self.xp = default_namespace() if xp is None else xp
+        self.check_finite = bool(check_finite)
+        self._finite = tuple(self.check_finite or name == "int8" for name in self.kv_dtype)  # keys, values
+        self._scan_words = None  # both checked: one kernel call scans a put's host keys and values
+        if all(self._finite):
+            from .finite import word_scanner
+
+            self._scan_words = word_scanner(spec.dtype)
         self._row_shape, self._row_dtype = (spec.num_kv_heads, spec.head_dim), np.dtype(spec.dtype)
         self._cells = Cells(capacity, max_sequences, window, sinks)
         # storage: one entry per layer
@@ -129,6 +172,7 @@ class CausalCache:
         ]
         # this forward pass
         self._plan: ForwardPlan | None = None
+        self._aborted: ForwardPlan | None = None  # the last pass `abort_forward` dropped
         self._slots = np.empty(0, np.int64)  # the plan's slot_mapping as the kernels' index dtype
         self._device = DeviceCopies(self.xp)
         self._heads: tuple[int, list[tuple[Any, Any, Any, Any]]] = (0, [])  # (n_kv, each layer's slices)
@@ -166,6 +210,8 @@ class CausalCache:
         return self._plan
 
     # ---- used by models --------------------------------------------------------------------------
+    @exclusive_checked(lambda cache, layer, keys, values: cache._check_put(layer, keys, values),
+                       lambda cache: cache._abort_after_fault())
     def put(self, layer: int, keys: Any, values: Any) -> None:
         """Write this pass's keys and values of `layer` into the cells of ``plan.slot_mapping``.
 
@@ -188,6 +234,7 @@ class CausalCache:
         # construction, so the layer's writer runs directly: no per-layer scan of the indices.
         self._writers[layer](arrays[0], arrays[1], self._device.get("slot_mapping", self._slots))
 
+    @exclusive_checked(lambda cache, layer, view: check_layer_type(layer))
     def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:
         """What `layer` reads in this pass: every cell the batch's tokens may attend to, their own included.
 
@@ -226,6 +273,7 @@ class CausalCache:
         return GatheredView(out[0], out[1], self._device.get("lengths", lengths), bias)
 
     # ---- cache management ------------------------------------------------------------------------
+    @exclusive_checked(lambda cache, seq_ids, positions: check_batch_values(seq_ids, positions))
     def start_forward(self, seq_ids: Any, positions: Any) -> ForwardPlan:
         """Assign a cell to every token of a batch and return the pass's `ForwardPlan`.
 
@@ -263,34 +311,66 @@ class CausalCache:
         self._views.clear()
         return self._plan
 
+    @exclusive
     def remove(self, seq: int, begin: int = 0, end: int | None = None) -> int:
         """Drop `seq`'s tokens at positions ``[begin, end)`` (end None: to the end); returns how many.
 
         A cell returns to the free list when its last owner leaves; a sequence left empty is forgotten.
-        Raises `UnknownSequence`, `PositionError` (``begin < 0`` or ``end < begin``).
+        Raises `UnknownSequence`, `PositionError` (``begin < 0`` or ``end < begin``), `DTypeMismatch` (an
+        argument that is not an integer).
         """
         self._check_open()
+        seq, begin = seq_id(seq), position("begin", begin)
+        end = None if end is None else as_int("end", end, 0, INT64_MAX, PositionError)
         return self._cells.remove(seq, begin, end)
 
+    @exclusive
+    def abort_forward(self) -> int:
+        """Drop the current pass's tokens from their sequences; returns how many were dropped.
+
+        For a pass that cannot complete (the model, an ONNX Runtime run or the sampler failed after some
+        `put` calls): each sequence of the batch loses its positions from its first one in the batch, a
+        sequence the batch started is forgotten, and the plan becomes stale. A `put` whose kernel fails
+        does this itself before re-raising; calling it again then returns 0. With a window, the ring
+        cells the pass overwrote held tokens that are gone: fail those sequences (or prefill them again).
+
+        Raises `NoForwardPass` (no pass yet), `StalePlan` (the cache changed since the pass started).
+        """
+        self._check_open()
+        plan = self._plan
+        if plan is None:
+            raise NoForwardPass("no forward pass to abort: start_forward has not been called")
+        if plan is self._aborted:
+            return 0
+        plan.check_current()
+        return self._drop_pass(plan)
+
+    @exclusive
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Share the first `length` cells of `src`'s cell table with the new sequence `dst` (no data copy).
 
         Raises `UnknownSequence` (src), `PositionError` (length < 0 or more than src holds),
-        `SequenceExists` (dst holds cells), `TooManySequences`.
+        `SequenceExists` (dst holds cells), `TooManySequences`, `DTypeMismatch` / `IndexOutOfRange` (ids
+        that are not int64 integers).
         """
         self._check_open()
-        self._cells.copy_prefix(src, dst, length)
+        src, dst = seq_id(src, "src"), seq_id(dst, "dst")
+        self._cells.copy_prefix(src, dst, as_int("length", length, error=PositionError))
 
+    @exclusive
     def can_resume(self, seq: int, position: int) -> bool:
         """True iff a token of `seq` at `position` would be accepted by `start_forward` now.
 
         That is: `seq` holds no cells and position >= 0 and a new sequence fits `max_sequences`, or
         position is `seq`'s last position + 1; and a cell is free for it, or (window) it overwrites a ring
-        cell. To resume at an earlier position, `remove(seq, position)` first.
+        cell. To resume at an earlier position, `remove(seq, position)` first. Positions outside
+        ``[0, MAX_POSITION)`` are never accepted; arguments that are not integers raise `DTypeMismatch`.
         """
         self._check_open()
-        return self._cells.can_resume(seq, position)
+        seq, where = seq_id(seq), as_int("position", position, -math.inf, math.inf)
+        return 0 <= where < MAX_POSITION and self._cells.can_resume(seq, where)
 
+    @exclusive
     def shift(self, seq: int, delta: int, rope: RopeSpec | None, begin: int = 0) -> None:
         """Add `delta` to the positions of `seq`'s cells at positions >= `begin`, re-rotating their keys.
 
@@ -302,31 +382,59 @@ class CausalCache:
             begin: the first position that moves.
 
         Cells shared with other sequences are copied first (copy-on-write). Raises `UnknownSequence`,
-        `PositionError` (a position would drop below 0 or onto a kept position), `CacheFull` (no free
-        cell for a copy), `ShapeMismatch` (rope's rotary_dim against head_dim).
+        `PositionError` (a position would drop below 0, onto a kept position, or reach `MAX_POSITION`;
+        a negative `begin`), `CacheFull` (no free cell for a copy), `ShapeMismatch` (rope's rotary_dim
+        against head_dim), `ConfigError` (rope not a `RopeSpec`), `DTypeMismatch` (arguments that are not
+        integers).
+
+        All or nothing: when a kernel fails halfway (the copy or the rotation of some layer), the rotated
+        key rows are written back from a copy taken first and the bookkeeping is restored, so every
+        sequence reads what it read before; the exception then propagates.
         """
         self._check_open()
+        seq, begin = seq_id(seq), position("begin", begin)
+        delta = as_int("delta", delta, 1 - MAX_POSITION, MAX_POSITION - 1, PositionError)
         if rope is not None:
+            if not isinstance(rope, RopeSpec):
+                raise ConfigError(f"rope must be a RopeSpec or None, got {type(rope).__name__}")
             rope.rotary_dims(self.spec.head_dim)
+        last = self._cells.last_position(seq)
+        if last is not None and last >= begin and last + delta >= MAX_POSITION:
+            raise PositionError(f"shifting sequence {seq} by {delta} would move position {last} past "
+                                f"{MAX_POSITION - 1}")
+        undo = BookkeepingUndo(self._cells)
         plan = self._cells.shift(seq, delta, begin)
-        if len(plan.copy_src):
-            ones = np.ones(len(plan.copy_src), np.int64)
-            moves = (self._device.convert(a) for a in (plan.copy_src, plan.copy_dst, ones))
-            ops.move_rows(self._all_pools(), *moves)
-        if rope is not None and len(plan.cells):
-            cells, deltas = self._device.convert(plan.cells), self._device.convert(plan.deltas)
-            for layer in range(self.spec.num_layers):
-                ops.rope_shift(self._pools[0][layer], cells, deltas, rope, scales=self._scales[0][layer])
+        rotated: RowBackup | None = None
+        try:
+            if len(plan.copy_src):  # copy-on-write into fresh cells: no live row is overwritten
+                ones = np.ones(len(plan.copy_src), np.int64)
+                moves = (self._device.convert(a) for a in (plan.copy_src, plan.copy_dst, ones))
+                ops.move_rows(self._all_pools(), *moves)
+            if rope is not None and len(plan.cells):
+                cells, deltas = self._device.convert(plan.cells), self._device.convert(plan.deltas)
+                keys = [*self._pools[0], *(s for s in self._scales[0] if s is not None)]
+                rotated = RowBackup(keys, cells)
+                for layer in range(self.spec.num_layers):
+                    ops.rope_shift(self._pools[0][layer], cells, deltas, rope, scales=self._scales[0][layer])
+        except BaseException:
+            if rotated is not None:
+                rotated.restore()
+            undo.restore()
+            raise
 
+    @exclusive
     def defrag(self) -> DefragPlan:
         """Compact used cells to the front now (each sequence's cells in order) and return the moves made.
 
         One `ops.move_rows` call moves keys, values and scales of every layer. Ends the current pass
-        (its plan becomes stale); call it between passes.
+        (its plan becomes stale); call it between passes. All or nothing: when the move fails halfway, the
+        live rows it overwrote are written back from a copy taken first and the bookkeeping is left as it
+        was (the current plan stays current); the exception then propagates.
         """
         self._check_open()
         return self._defrag()
 
+    @exclusive
     def stats(self) -> CacheStats:
         """Occupancy, fragmentation and memory (`CacheStats`)."""
         self._check_open()
@@ -339,27 +447,31 @@ class CausalCache:
             defrags=self._defrags, cells_moved=self._cells_moved,
         )
 
+    @exclusive
     def length(self, seq: int) -> int:
         """Cells in `seq`'s cell table (its tokens, shared ones included; 0 for a sequence holding none),
-        without copying the table."""
+        without copying the table. Raises `DTypeMismatch` / `IndexOutOfRange` (not an int64 integer)."""
         self._check_open()
-        table = self._cells.tables.get(int(seq))
+        table = self._cells.tables.get(seq_id(seq))
         return 0 if table is None else table.n
 
+    @exclusive
     def cell_table(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
         """`seq`'s cells ``[n]`` int32 and their positions ``[n]`` int64, in position order (copies).
 
-        For inspection and tests. Raises `UnknownSequence`.
+        For inspection and tests. Raises `UnknownSequence`, `DTypeMismatch` / `IndexOutOfRange`.
         """
         self._check_open()
-        cells = self._cells.table(seq).copy()
+        cells = self._cells.table(seq_id(seq)).copy()
         return cells, self._cells.positions[cells]
 
+    @exclusive
     def sequences(self) -> list[int]:
         """The live sequence ids."""
         self._check_open()
         return list(self._cells.tables)
 
+    @exclusive
     def state_dict(self) -> dict[str, np.ndarray]:
         """The whole cache as host NumPy arrays (copies): configuration, bookkeeping, every pool.
 
@@ -371,30 +483,38 @@ class CausalCache:
         bookkeeping = {f"cells.{k}": v for k, v in self._cells.export().items()}
         return build_state(self._config_json(), bookkeeping, self._named_pools())
 
+    @exclusive
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict` bit for bit (sharing, positions, ring order, scales included).
 
         Raises `SpecMismatch` for a state made for another configuration (spec, capacity, max_sequences,
-        window, sinks, storage dtypes, group size) or an inconsistent one; the cache is then unchanged.
+        window, sinks, storage dtypes, group size) or an inconsistent one (`StateFormatMismatch` for
+        another layout version); the cache is then unchanged. Pool values are restored as they are.
         """
         self._check_open()
         check_common(state, self._config_json(), "cache", self._named_pools())
         cells_state = {k[len("cells.") :]: to_numpy(v) for k, v in state.items() if k.startswith("cells.")}
-        why = self._cells.check_state(cells_state)
+        why = check_cell_arrays(cells_state) or self._cells.check_state(cells_state)
+        why = why or check_cell_positions(cells_state, MAX_POSITION)
         if why:
             raise SpecMismatch(f"inconsistent cache state: {why}")
         write_pools(state, self._named_pools(), self.xp)
         self._cells.restore(cells_state)
 
+    @exclusive
     def save(self, path: str) -> None:
-        """Write `state_dict` to a safetensors file (kind, configuration and version in its metadata)."""
+        """Write `state_dict` to a safetensors file (kind, configuration, layout version and a SHA-256 of
+        the tensors in its metadata), atomically: an interrupted save leaves the previous file intact."""
         save_state(path, self.state_dict(), "causal")
 
+    @exclusive
     def load(self, path: str) -> None:
-        """Restore a file written by `save`. Raises `SpecMismatch` (cache unchanged) for another config."""
+        """Restore a file written by `save`. Raises `SpecMismatch` (cache unchanged) for another config,
+        `CorruptFile` (truncated, garbled, checksum mismatch), `StateFormatMismatch` (another version)."""
         self._check_open()
         self.load_state_dict(load_state(path, "causal"))
 
+    @exclusive
     def close(self) -> None:
         """Release the pools and staging buffers; any later use raises `CacheClosed`. Idempotent."""
         self._pools = [[], []]
@@ -417,6 +537,40 @@ class CausalCache:
     def _check_open(self) -> None:
         if self._closed:
             raise CacheClosed("this cache was closed")
+
+    def _check_put(self, layer: object, keys: Any, values: Any) -> None:
+        """What `put` checks before its body: the layer's type, and finite keys and values (int8 pools
+        always; float pools unless ``check_finite=False``)."""
+        check_layer_type(layer)
+        scan, dtype = self._scan_words, self._row_dtype
+        if scan is not None and type(keys) is np.ndarray and type(values) is np.ndarray:
+            if keys.dtype == dtype and values.dtype == dtype and keys.flags.c_contiguous and \
+                    values.flags.c_contiguous and keys.nbytes % 8 == 0 and values.nbytes % 8 == 0:
+                if not scan(keys.reshape(-1).view(np.uint64), values.reshape(-1).view(np.uint64)):
+                    return  # what a model loop passes, all finite: one kernel call and no wrapper
+        named = [(name, arr if type(arr) is np.ndarray else host_rows(name, arr, self.xp))
+                 for name, arr, finite in zip(("keys", "values"), (keys, values), self._finite, strict=True)
+                 if finite]
+        if named:
+            check_finite(*named[0], *named[1:])  # one scan of both arrays
+
+    def _abort_after_fault(self) -> None:
+        """`put` failed after its checks (a kernel fault): drop the pass's tokens, maybe half written."""
+        plan = self._plan
+        if plan is not None and plan is not self._aborted and plan.is_current():
+            self._drop_pass(plan)
+
+    def _drop_pass(self, plan: ForwardPlan) -> int:
+        """Remove the tokens of `plan` (current) from their sequences: each sequence's positions from its
+        first one in the batch. Returns the tokens dropped; the plan becomes stale."""
+        first = np.full(plan.num_sequences, INT64_MAX, np.int64)
+        np.minimum.at(first, plan.token_seq, plan.positions)
+        dropped = 0
+        for seq, begin in zip(plan.sequences.tolist(), first.tolist(), strict=True):
+            if seq in self._cells.tables:
+                dropped += self._cells.remove(seq, begin)
+        self._aborted = plan
+        return dropped
 
     def _current_plan(self) -> ForwardPlan:
         self._check_open()
@@ -475,13 +629,29 @@ class CausalCache:
         return min(round_up(c.used), c.capacity) < c.n_kv
 
     def _defrag(self) -> DefragPlan:
-        plan = self._cells.plan_defrag()
-        if plan.cells_moved:
+        """Plan and apply a compaction, all or nothing (docs/reliability.md): the destination rows that
+        hold live data (sources of other moves) are copied first, so a move that fails halfway is undone
+        by writing them back; rows that were free need no copy. The bookkeeping changes only after the
+        move succeeded, and is restored if renumbering it fails."""
+        cells = self._cells
+        plan = cells.plan_defrag()
+        if not plan.cells_moved:
+            return plan
+        targets = expand_runs(plan.dst, plan.length)
+        overwritten = RowBackup(self._all_pools(), self._device.convert(targets[cells.refs[targets] > 0]))
+        undo: BookkeepingUndo | None = None
+        try:
             runs = (self._device.convert(a) for a in (plan.src, plan.dst, plan.length))
             ops.move_rows(self._all_pools(), *runs)
-            self._cells.apply_defrag(plan)
-            self._defrags += 1
-            self._cells_moved += plan.cells_moved
+            undo = BookkeepingUndo(cells)
+            cells.apply_defrag(plan)
+        except BaseException:
+            overwritten.restore()
+            if undo is not None:
+                undo.restore()
+            raise
+        self._defrags += 1
+        self._cells_moved += plan.cells_moved
         return plan
 
     def _config_json(self) -> str:

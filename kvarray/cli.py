@@ -1,4 +1,10 @@
-"""The `kvarray` command."""
+"""The `kvarray` command.
+
+Errors a user can cause (a kvarray error: bad options, a damaged model file, a prompt that is not UTF-8;
+an `OSError`: a file that is not there or cannot be read; a bad argument) end the command with one line
+on stderr, ``kvarray COMMAND: ErrorName: what was expected``, and exit status 1 (2 for a bad argument,
+130 on Ctrl-C), without a traceback. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,23 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
+
+#: exit statuses
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the message and where to find the usage (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """``kvarray COMMAND: ErrorName: message``, the message's lines joined into one."""
+    message = " ".join(str(exc).split()) or "no details"
+    return f"kvarray {command}: {type(exc).__name__}: {message}"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -63,7 +86,7 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvarray", description="KV caches for transformer inference")
+    parser = _Parser(prog="kvarray", description="KV caches for transformer inference")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="backend, devices, compiled kernels and versions")
     info.set_defaults(run=_info)
@@ -92,8 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default ``sys.argv[1:]``); the exit status (see the module docstring)."""
+    from .errors import KVArrayError
+
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except (KVArrayError, OSError) as exc:
+        print(error_line(args.command, exc), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"kvarray {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

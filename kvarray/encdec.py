@@ -20,6 +20,7 @@ import numpy as np
 from .causal import CacheStats, CausalCache
 from .encoder import EncoderCache, EncoderStats
 from .errors import ConfigError, SpecMismatch, UnknownSequence
+from .guard import as_int_array, exclusive, new_guard, seq_id
 from .state import load_state, save_state
 from .views import CrossPlan, CrossView, ForwardPlan, GatheredView, PageTable, PoolView, View
 
@@ -60,9 +61,18 @@ class EncoderDecoderCache:
         encoder: the cross-attention `EncoderCache`, with as many layers as `causal`.
 
     Raises `ConfigError` when the two disagree on the number of layers or array namespace.
+
+    One thread at a time (`ConcurrentUse`), as each of the two caches; a refused call changes neither
+    (docs/reliability.md).
     """
 
     def __init__(self, causal: CausalCache, encoder: EncoderCache) -> None:
+        self._guard = new_guard()  # `exclusive`: one thread at a time
+        if not isinstance(causal, CausalCache) or not isinstance(encoder, EncoderCache):
+            raise ConfigError(
+                f"EncoderDecoderCache takes a CausalCache and an EncoderCache, got {type(causal).__name__} "
+                f"and {type(encoder).__name__}"
+            )
         if causal.spec.num_layers != encoder.spec.num_layers or causal.xp is not encoder.xp:
             raise ConfigError(
                 f"the causal cache ({causal.spec.num_layers} layers, {causal.xp.__name__}) and the encoder "
@@ -78,23 +88,28 @@ class EncoderDecoderCache:
         return self._plan
 
     # ---- used by models --------------------------------------------------------------------------
+    @exclusive
     def put(self, layer: int, keys: Any, values: Any) -> None:
         """Store this pass's self-attention ``keys``, ``values [T, H, D]`` of `layer` (`CausalCache.put`)."""
         self.causal.put(layer, keys, values)
 
+    @exclusive
     def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:
         """The self-attention view of `layer` (`CausalCache.get`: pool, gathered or pages)."""
         return self.causal.get(layer, view)
 
+    @exclusive
     def get_cross(self, layer: int, view: View | str = View.POOL) -> CrossView | GatheredView:
         """The cross-attention view of `layer` (`EncoderCache.get`): `CrossView` ``[M, H, D]`` with
         ``bias [T, M]``, or a `GatheredView` ``[S, H, L, D]``."""
         return self.encoder.get(layer, view)
 
+    @exclusive
     def put_cross(self, seq: int, layer: int, keys: Any, values: Any, modality: str = "text") -> None:
         """Write `seq`'s cross K/V ``[M, H, D]`` of `layer` once (`EncoderCache.put_sequence`)."""
         self.encoder.put_sequence(seq, layer, keys, values, modality)
 
+    @exclusive
     def put_cross_batch(
         self, seq_ids: Any, layer: int, keys: Any, values: Any, lengths: Any, modality: str = "text"
     ) -> None:
@@ -102,6 +117,7 @@ class EncoderDecoderCache:
         self.encoder.put_batch(seq_ids, layer, keys, values, lengths, modality)
 
     # ---- cache management ------------------------------------------------------------------------
+    @exclusive
     def start_forward(self, seq_ids: Any, positions: Any) -> EncDecPlan:
         """Plan a decoder pass over ``seq_ids [T]``, ``positions [T]`` on both caches.
 
@@ -114,12 +130,20 @@ class EncoderDecoderCache:
         self._plan = EncDecPlan(self_plan, cross)
         return self._plan
 
+    @exclusive
+    def abort_forward(self) -> int:
+        """Drop the current pass's decoder tokens (`CausalCache.abort_forward`, which a failed `put` does
+        itself); encoder entries stay. Returns the tokens dropped."""
+        return self.causal.abort_forward()
+
+    @exclusive
     def remove(self, seq: int, begin: int = 0, end: int | None = None) -> int:
         """Drop `seq`'s decoder tokens at positions ``[begin, end)``; the whole range also drops its encoder
         entry reference. Returns the decoder tokens dropped.
 
         Raises `UnknownSequence` when neither cache holds `seq`, `PositionError` (range).
         """
+        seq = seq_id(seq)
         in_causal, in_encoder = self.causal.length(seq) > 0, seq in self.encoder.sequences()
         if not in_causal and not in_encoder:
             raise UnknownSequence(f"sequence {seq} is in neither the decoder nor the encoder cache")
@@ -129,6 +153,7 @@ class EncoderDecoderCache:
             self.encoder.remove(seq)
         return dropped
 
+    @exclusive
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Start the new sequence `dst` with `src`'s first `length` decoder tokens and `src`'s encoder entry,
         both shared (no data copied).
@@ -141,10 +166,12 @@ class EncoderDecoderCache:
             self.causal.copy_prefix(src, dst, length)
         self.encoder.fork(src, dst)
 
+    @exclusive
     def fork(self, src: int, dst: int) -> None:
         """A new beam: `dst` shares all of `src`'s decoder tokens and its encoder entry (`copy_prefix`)."""
         self.copy_prefix(src, dst, self.causal.length(src))
 
+    @exclusive
     def reorder(self, beams: Sequence[int], parents: Sequence[int]) -> None:
         """After a beam-search step, beam ``beams[i]`` continues from ``parents[i]``'s decoder prefix.
 
@@ -155,6 +182,7 @@ class EncoderDecoderCache:
         Raises `ConfigError` (lengths differ, repeated beams, a parent with another encoder entry),
         `UnknownSequence`, `TooManySequences` (no room for the temporary); a refused call changes nothing.
         """
+        beams, parents = as_int_array("beams", beams).tolist(), as_int_array("parents", parents).tolist()
         if len(beams) != len(parents) or len(set(beams)) != len(beams):
             raise ConfigError(f"beams and parents must pair up, beams distinct; got {beams}, {parents}")
         known = set(self.encoder.sequences())
@@ -176,6 +204,7 @@ class EncoderDecoderCache:
                 self.causal.copy_prefix(src, dst, self.causal.length(src))
                 decoded.add(dst)
 
+    @exclusive
     def can_resume(self, seq: int, position: int) -> bool:
         """True iff `seq` has a complete encoder entry and `CausalCache.can_resume(seq, position)`."""
         try:
@@ -184,26 +213,34 @@ class EncoderDecoderCache:
             return False
         return complete and self.causal.can_resume(seq, position)
 
+    @exclusive
     def shift(self, seq: int, delta: int, rope: Any, begin: int = 0) -> None:
         """Shift `seq`'s decoder positions (`CausalCache.shift`); its cross entry has no positions to move."""
         self.causal.shift(seq, delta, rope, begin)
 
+    @exclusive
     def defrag(self) -> Any:
         """Compact the decoder pools (`CausalCache.defrag`); encoder entries never move."""
         return self.causal.defrag()
 
+    @exclusive
     def stats(self) -> EncDecStats:
         """Both caches' occupancy and memory."""
         return EncDecStats(self.causal.stats(), self.encoder.stats())
 
+    @exclusive
     def state_dict(self) -> dict[str, np.ndarray]:
         """Both caches' `state_dict`s, keys prefixed ``self.`` and ``cross.`` (host NumPy copies)."""
         state = {_SELF + k: v for k, v in self.causal.state_dict().items()}
         state.update({_CROSS + k: v for k, v in self.encoder.state_dict().items()})
         return state
 
+    @exclusive
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore both caches bit for bit; `SpecMismatch` (both unchanged) when either part does not fit."""
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+            raise SpecMismatch(f"an encoder-decoder state must be a mapping of names (str) to arrays, "
+                               f"got {type(state).__name__}")
         parts = {p: {k[len(p) :]: v for k, v in state.items() if k.startswith(p)} for p in (_SELF, _CROSS)}
         if not parts[_SELF] or not parts[_CROSS]:
             raise SpecMismatch("not an encoder-decoder cache state: self.* and cross.* entries are needed")
@@ -212,14 +249,17 @@ class EncoderDecoderCache:
         self.encoder.load_state_dict(parts[_CROSS])
         self._plan = None
 
+    @exclusive
     def save(self, path: str) -> None:
-        """Write both caches to one safetensors file."""
+        """Write both caches to one safetensors file, atomically, with a SHA-256 of the tensors."""
         save_state(path, self.state_dict(), "encdec")
 
+    @exclusive
     def load(self, path: str) -> None:
         """Restore a file written by `save`; `SpecMismatch` (both unchanged) for another configuration."""
         self.load_state_dict(load_state(path, "encdec"))
 
+    @exclusive
     def close(self) -> None:
         """Close both caches."""
         self.causal.close()

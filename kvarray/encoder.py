@@ -43,6 +43,17 @@ from .errors import (
     UnknownSequence,
 )
 from .extents import NO_EXTENT, Entry, EntryInfo, ExtentList, check_entries, place
+from .guard import (
+    MAX_POSITION,
+    as_int_array,
+    check_batch_values,
+    check_finite,
+    check_layer_type,
+    exclusive,
+    exclusive_checked,
+    new_guard,
+    seq_id,
+)
 from .spec import DEFAULT_GROUP_SIZE, SCALE_DTYPE, KVSpec, check_group_size, row_bytes, storage_dtype
 from .state import STATE_FORMAT, build_state, check_common, config_json, load_state, save_state, write_pools
 from .views import CrossPlan, CrossView, GatheredView, View, frozen
@@ -92,6 +103,11 @@ class EncoderCache:
             `DEFAULT_MODALITY_DTYPES`.
         group_size: values per int8 scale g (must divide ``H * D``).
         xp: array namespace of the pools (numpy or cupy); None: `kvarray.xp.default_namespace()`.
+        check_finite: puts refuse keys or values holding NaN or infinity (`NonFiniteValues`); False skips
+            the check for float pools (int8 pools always check). See `CausalCache`, docs/reliability.md.
+
+    One thread at a time (`ConcurrentUse`); a refused call changes nothing, and a put whose kernel fails
+    releases the entries it allocated (docs/reliability.md).
 
     Raises `ConfigError` (sizes), `DTypeMismatch` (an unknown precision), `ShapeMismatch` (group size).
     """
@@ -105,7 +121,9 @@ class EncoderCache:
         modality_dtypes: Mapping[str, str] | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         xp: ModuleType | None = None,
+        check_finite: bool = True,
     ) -> None:
+        self._guard = new_guard()  # `exclusive`: one thread at a time
         self.spec = spec
         self.modality_dtypes = dict(DEFAULT_MODALITY_DTYPES if modality_dtypes is None else modality_dtypes)
         if not self.modality_dtypes:
@@ -125,6 +143,7 @@ class EncoderCache:
         self.capacity = {d: int(rows[d]) for d in self.dtypes}
         self.max_sequences = int(max_sequences)
         self.xp = default_namespace() if xp is None else xp
+        self.check_finite = bool(check_finite)
         # bookkeeping
         self._free = {d: ExtentList(n) for d, n in self.capacity.items()}
         self._entries: dict[int, Entry] = {}  # serial -> entry
@@ -153,6 +172,7 @@ class EncoderCache:
         return self._plan
 
     # ---- written by the encoder pass -------------------------------------------------------------
+    @exclusive
     def put_sequence(self, seq: int, layer: int, keys: Any, values: Any, modality: str = "text") -> None:
         """Write one sequence's cross K/V of `layer`, once.
 
@@ -165,11 +185,13 @@ class EncoderCache:
 
         Raises `UnknownModality`, `ShapeMismatch` (rank, heads, head_dim, an M other than the entry's),
         `DTypeMismatch`, `EntryWritten` (layer written before), `ConfigError` (another modality than the
-        entry's), `TooManySequences`, `CacheFull` (asked = M, free = free rows of that dtype), `CacheClosed`.
+        entry's), `TooManySequences`, `CacheFull` (asked = M, free = free rows of that dtype), `CacheClosed`,
+        `NonFiniteValues`, `DTypeMismatch` / `IndexOutOfRange` (a seq that is not an int64 integer).
         A refused call changes nothing.
         """
-        self.put_batch([seq], layer, keys, values, [_rows_of(keys)], modality)
+        self.put_batch([seq_id(seq)], layer, keys, values, [_rows_of(keys)], modality)
 
+    @exclusive_checked(lambda cache, seq_ids, layer, keys, values, lengths, modality: check_layer_type(layer))
     def put_batch(
         self, seq_ids: Any, layer: int, keys: Any, values: Any, lengths: Any, modality: str = "text"
     ) -> None:
@@ -185,15 +207,19 @@ class EncoderCache:
         New sequences get their extents side by side in `seq_ids` order when one free extent holds them
         all (so the batch's cross view is zero-copy), first-fit one by one otherwise. Errors as
         `put_sequence`, with ``CacheFull.asked`` the new sequences' rows summed; nothing is written then.
+        An empty batch (S = 0, keys ``[0, H, D]``) writes nothing. When a kernel fails halfway, the entries
+        this call allocated are released and no layer is marked written, then the exception propagates.
         """
         self._check_open()
         check_layer(layer, self.spec.num_layers)
         dtype = self._dtype_of(modality)
-        ids = [int(s) for s in np.asarray(seq_ids, np.int64).reshape(-1)]
-        lens = [int(n) for n in np.asarray(lengths, np.int64).reshape(-1)]
-        if len(ids) != len(lens) or len(set(ids)) != len(ids) or any(n <= 0 for n in lens):
+        ids = as_int_array("seq_ids", seq_ids).tolist()
+        lens = as_int_array("lengths", lengths).tolist()
+        if len(ids) != len(lens) or len(set(ids)) != len(ids) or any(not 0 < n < MAX_POSITION for n in lens):
             raise ShapeMismatch(f"seq_ids, lengths must be [S], ids distinct, lengths > 0; got {ids}, {lens}")
-        arrays = [self._check_rows(_KV[w], arr, sum(lens)) for w, arr in enumerate((keys, values))]
+        arrays = [self._check_rows(_KV[w], arr, sum(lens), dtype) for w, arr in enumerate((keys, values))]
+        if not ids:
+            return
         fresh = []
         for seq, n in zip(ids, lens, strict=True):
             serial = self._seq_entry.get(seq)
@@ -213,14 +239,19 @@ class EncoderCache:
         starts = [self._entries[self._seq_entry[s]].start for s in ids]
         spans = zip(starts, lens, strict=True)
         cells = np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in spans])
-        for which, rows in enumerate(arrays):
-            pool = self._pools[dtype, which, layer]
-            scales = self._scales.get((dtype, which, layer))
-            ops.scatter_rows(pool, rows, self._device.convert(cells), scales=scales)
+        try:
+            for which, rows in enumerate(arrays):
+                pool = self._pools[dtype, which, layer]
+                scales = self._scales.get((dtype, which, layer))
+                ops.scatter_rows(pool, rows, self._device.convert(cells), scales=scales)
+        except BaseException:
+            self._release_fresh([seq for seq, _ in fresh])
+            raise
         for seq in ids:
             self._entries[self._seq_entry[seq]].written[layer] = True
 
     # ---- read by decoder steps -------------------------------------------------------------------
+    @exclusive
     def start_forward(self, seq_ids: Any, positions: Any) -> CrossPlan:
         """Plan the cross view of a decoder batch and make it the current pass: `make_plan` then `use`.
 
@@ -235,6 +266,7 @@ class EncoderCache:
         self.use(plan)
         return plan
 
+    @exclusive
     def use(self, plan: CrossPlan | None) -> CrossPlan | None:
         """Make `plan` (from `make_plan`, or a previous `plan`) the current pass; returns it.
 
@@ -242,6 +274,8 @@ class EncoderCache:
         """
         self._check_open()
         if plan is not None:
+            if not isinstance(plan, CrossPlan):
+                raise ConfigError(f"use() takes make_plan's CrossPlan or None, not {type(plan).__name__}")
             if plan._owner is not self:
                 raise StalePlan("this plan was made by another encoder cache")
             plan.check_current()
@@ -249,6 +283,7 @@ class EncoderCache:
         self._device.clear()
         return plan
 
+    @exclusive_checked(lambda cache, seq_ids, positions: check_batch_values(seq_ids, positions))
     def make_plan(self, seq_ids: Any, positions: Any) -> CrossPlan:
         """The `CrossPlan` of a decoder batch (as `start_forward`) without making it current."""
         self._check_open()
@@ -275,6 +310,7 @@ class EncoderCache:
             self, self._generation,
         )
 
+    @exclusive_checked(lambda cache, layer, view: check_layer_type(layer))
     def get(self, layer: int, view: View | str = View.POOL) -> CrossView | GatheredView:
         """What cross-attention `layer` reads in this pass.
 
@@ -306,12 +342,14 @@ class EncoderCache:
         )
 
     # ---- cache management ------------------------------------------------------------------------
+    @exclusive
     def remove(self, seq: int) -> None:
         """Drop `seq`'s reference to its entry; the entry's rows are freed when no sequence holds it.
 
         Raises `UnknownSequence`. Makes the current plan stale.
         """
         self._check_open()
+        seq = seq_id(seq)
         serial = self._seq_entry.get(seq)
         if serial is None:
             raise UnknownSequence(f"sequence {seq} has no encoder entry")
@@ -323,6 +361,7 @@ class EncoderCache:
             self._free[entry.dtype].release(entry.start, entry.length)
         self._generation += 1
 
+    @exclusive
     def fork(self, src: int, dst: int) -> None:
         """Let sequence `dst` share `src`'s entry (a reference, no copy): beams of one request.
 
@@ -330,13 +369,15 @@ class EncoderCache:
         `TooManySequences`.
         """
         self.check_fork(src, dst)
-        serial = self._seq_entry[src]
-        self._seq_entry[dst] = serial
+        serial = self._seq_entry[seq_id(src, "src")]
+        self._seq_entry[seq_id(dst, "dst")] = serial
         self._entries[serial].refs += 1
 
+    @exclusive
     def check_fork(self, src: int, dst: int) -> None:
         """Raise what `fork(src, dst)` would raise; changes nothing."""
         self._check_open()
+        src, dst = seq_id(src, "src"), seq_id(dst, "dst")
         serial = self._seq_entry.get(src)
         if serial is None or not self._entries[serial].complete:
             raise NoEncoderEntry(f"cannot fork sequence {src}: it has no complete encoder entry")
@@ -345,42 +386,48 @@ class EncoderCache:
         if len(self._seq_entry) >= self.max_sequences:
             raise TooManySequences(f"a fork would exceed max_sequences={self.max_sequences}")
 
+    @exclusive
     def entry(self, seq: int) -> EntryInfo:
         """`seq`'s entry: dtype, rows, modality, layers written, references. Raises `UnknownSequence`."""
         self._check_open()
-        serial = self._seq_entry.get(seq)
+        serial = self._seq_entry.get(seq_id(seq))
         if serial is None:
             raise UnknownSequence(f"sequence {seq} has no encoder entry")
         e = self._entries[serial]
         layers = tuple(int(i) for i in np.flatnonzero(e.written))
         return EntryInfo(e.dtype, e.start, e.length, e.modality, layers, e.refs)
 
+    @exclusive
     def shares_entry(self, a: int, b: int) -> bool:
         """True when sequences `a` and `b` hold the same entry (one forked from the other)."""
-        serial = self._seq_entry.get(a)
-        return serial is not None and serial == self._seq_entry.get(b)
+        serial = self._seq_entry.get(seq_id(a, "a"))
+        return serial is not None and serial == self._seq_entry.get(seq_id(b, "b"))
 
+    @exclusive
     def sequences(self) -> list[int]:
         """The sequence ids holding an entry, ascending."""
         self._check_open()
         return sorted(self._seq_entry)
 
+    @exclusive_checked(lambda cache, layer, dtype: check_layer_type(layer))
     def pools(self, layer: int, dtype: str) -> tuple[Any, Any, Any | None, Any | None]:
         """Layer `layer`'s pools of storage `dtype`: keys, values ``[capacity, H, D]``, and their scales
         ``[capacity, H * D // g]`` float16 (None unless int8). The cache's own arrays: read only."""
         self._check_open()
         check_layer(layer, self.spec.num_layers)
-        if dtype not in self.dtypes:
+        if not isinstance(dtype, str) or dtype not in self.dtypes:
             raise ConfigError(f"no {dtype!r} pools; this cache stores {self.dtypes}")
         keys, values = (self._pools[dtype, w, layer] for w in (0, 1))
         key_scales, value_scales = (self._scales.get((dtype, w, layer)) for w in (0, 1))
         return keys, values, key_scales, value_scales
 
+    @exclusive
     def bytes_per_token(self, modality: str) -> int:
         """Bytes one encoder token of `modality` takes over all layers, keys plus values, scales included."""
         dtype = self._dtype_of(modality)
         return 2 * self.spec.num_layers * row_bytes(self.spec.row_values, dtype, self.group_size)
 
+    @exclusive
     def stats(self) -> EncoderStats:
         """Occupancy per storage dtype and memory per encoder token per modality (`EncoderStats`)."""
         self._check_open()
@@ -396,6 +443,7 @@ class EncoderCache:
             bytes_in_use=sum(used[d] * row[d] for d in self.dtypes),
         )
 
+    @exclusive
     def state_dict(self) -> dict[str, np.ndarray]:
         """The whole cache as host NumPy arrays (copies).
 
@@ -422,6 +470,7 @@ class EncoderCache:
         }
         return build_state(self._config_json(), bookkeeping, self._named_pools())
 
+    @exclusive
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise `SpecMismatch` unless `state` is a consistent `state_dict` of a cache configured as this."""
         check_common(state, self._config_json(), "encoder cache", self._named_pools())
@@ -431,6 +480,7 @@ class EncoderCache:
         if why:
             raise SpecMismatch(f"inconsistent encoder cache state: {why}")
 
+    @exclusive
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict` bit for bit. Raises `SpecMismatch` (cache unchanged) for another
         configuration or an inconsistent state. Makes the current plan stale."""
@@ -453,14 +503,20 @@ class EncoderCache:
         self._staging.held.clear()
         self._generation += 1
 
+    @exclusive
     def save(self, path: str) -> None:
-        """Write `state_dict` to a safetensors file."""
+        """Write `state_dict` to a safetensors file, atomically, with a SHA-256 of the tensors
+        (`kvarray.state.save_state`)."""
         save_state(path, self.state_dict(), "encoder")
 
+    @exclusive
     def load(self, path: str) -> None:
-        """Restore a file written by `save`. Raises `SpecMismatch` (cache unchanged) for another config."""
+        """Restore a file written by `save`. Raises `SpecMismatch` (cache unchanged) for another config,
+        `CorruptFile` (truncated, garbled, checksum mismatch), `StateFormatMismatch` (another version)."""
+        self._check_open()
         self.load_state_dict(load_state(path, "encoder"))
 
+    @exclusive
     def close(self) -> None:
         """Release the pools and staging buffers; any later use raises `CacheClosed`. Idempotent."""
         self._pools, self._scales = {}, {}
@@ -496,6 +552,7 @@ class EncoderCache:
         held = tuple(e[3] for e in plan.extents)
         if self._staging.held.get(("cross", which, layer)) == held:
             return buf
+        self._staging.held.pop(("cross", which, layer), None)  # a copy that fails halfway holds nothing
         offset = 0
         for dtype, group in itertools.groupby(plan.runs, key=lambda run: run[0]):
             runs = list(group)
@@ -504,16 +561,29 @@ class EncoderCache:
             total = int(counts.sum())
             pool, scales = self._pools[dtype, which, layer], self._scales.get((dtype, which, layer))
             dst = buf[offset : offset + total]
-            if scales is None:  # float rows: one copy a run (a large copy beats any per-row kernel)
-                at = 0
-                for start, n in zip(starts.tolist(), counts.tolist(), strict=True):
-                    self.xp.copyto(dst[at : at + n], pool[start : start + n])
-                    at += n
+            if scales is None:  # float rows: every run in one call
+                self._copy_runs(pool, starts, counts, dst)
             else:  # int8 rows: one dequantizing kernel call for every run
                 self._dequantize_runs(pool, scales, starts, counts, dst)
             offset += total
         self._staging.held["cross", which, layer] = held
         return buf
+
+    def _copy_runs(self, pool: Any, starts: np.ndarray, counts: np.ndarray, out: Any) -> None:
+        """Rows ``[starts[r], starts[r] + counts[r])`` of the float ``pool [N, H, D]`` copied side by side
+        into ``out [sum(counts), H, D]`` (``starts``, ``counts``: ``[R]`` int64).
+
+        Host pools of out's dtype: one `kvarray.ops.cpu.copy_runs` call (pieces shared by two threads,
+        non-temporal stores when large: many runs cost what one long copy does). Otherwise (device pools,
+        float32 rows staged as float16) one ``copyto`` a run."""
+        at = np.cumsum(counts) - counts
+        if self.xp is np and pool.dtype == out.dtype:
+            from .ops.cpu import copy_runs  # here: kvarray loads Numba only when a host kernel runs
+
+            copy_runs(pool, out, starts, at, counts)
+            return
+        for start, to, n in zip(starts.tolist(), at.tolist(), counts.tolist(), strict=True):
+            self.xp.copyto(out[to : to + n], pool[start : start + n])
 
     def _dequantize_runs(
         self, pool: Any, scales: Any, starts: np.ndarray, counts: np.ndarray, out: Any
@@ -575,15 +645,25 @@ class EncoderCache:
         return self._plan
 
     def _dtype_of(self, modality: str) -> str:
-        dtype = self.modality_dtypes.get(modality)
+        dtype = self.modality_dtypes.get(modality) if isinstance(modality, str) else None
         if dtype is None:
             known = sorted(self.modality_dtypes)
             raise UnknownModality(f"unknown modality {modality!r}; this cache stores {known}")
         return dtype
 
-    def _check_rows(self, name: str, arr: Any, count: int) -> Any:
+    def _check_rows(self, name: str, arr: Any, count: int, dtype: str) -> Any:
+        """`arr` as ``[count, H, D]`` rows for pools of storage `dtype`, finite where they must be."""
         spec = self.spec
-        return check_rows(name, arr, self.xp, count, spec.num_kv_heads, spec.head_dim, _FLOAT_INPUTS, "M")
+        rows = check_rows(name, arr, self.xp, count, spec.num_kv_heads, spec.head_dim, _FLOAT_INPUTS, "M")
+        if self.check_finite or dtype == "int8":
+            check_finite(name, rows)
+        return rows
+
+    def _release_fresh(self, seqs: list[int]) -> None:
+        """Undo `_allocate` for `seqs` (a put that failed halfway): forget their entries, free their rows."""
+        for seq in seqs:
+            entry = self._entries.pop(self._seq_entry.pop(seq))
+            self._free[entry.dtype].release(entry.start, entry.length)
 
     def _named_pools(self) -> list[tuple[str, Any]]:
         named = []

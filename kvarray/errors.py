@@ -7,6 +7,8 @@ kept for bugs inside kvarray only.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class KVArrayError(Exception):
     """Base class of every error kvarray raises on purpose."""
@@ -90,6 +92,38 @@ class CacheClosed(KVArrayError, RuntimeError):
     """A cache used after `close()` released its pools."""
 
 
+class ConcurrentUse(KVArrayError, RuntimeError):
+    """A cache called from one thread while another thread is inside one of its methods.
+
+    Caches are not shared between threads at the same time (docs/reliability.md): the second call is
+    refused before it changes anything. Calls from different threads one after the other are fine.
+    """
+
+
+class NonFiniteValues(KVArrayError, ValueError):
+    """Keys or values holding NaN or infinity where the cache stores only finite numbers."""
+
+
+class CorruptFile(SpecMismatch):
+    """A cache file that is truncated, garbled, or whose tensors do not match the checksum it carries."""
+
+
+class StateFormatMismatch(SpecMismatch):
+    """A cache file or state of another layout version (`kvarray.state.STATE_FORMAT`).
+
+    Attributes:
+        expected: the version this kvarray reads; found: the file's.
+    """
+
+    def __init__(self, expected: int, found: object, what: str = "cache file") -> None:
+        super().__init__(
+            f"{what} has state format {found!r}; this kvarray reads format {expected} "
+            "(save it again with the kvarray that wrote it, or upgrade)"
+        )
+        self.expected = expected
+        self.found = found
+
+
 class UnsupportedModel(KVArrayError, ValueError):
     """A checkpoint whose architecture, rope type or config option the exporter does not implement."""
 
@@ -155,3 +189,54 @@ class TokenizerError(KVArrayError, ValueError):
 class AudioFormatError(KVArrayError, ValueError):
     """An audio file kvarray cannot read (not a PCM WAV, a sample width other than 16 bits, more than two
     channels)."""
+
+
+class ModelFileError(KVArrayError, ValueError):
+    """A model file that cannot be what its name says: a checkpoint's config.json or *.safetensors, an
+    ONNX graph, truncated, corrupted or of another format; the message names the file and what was
+    expected."""
+
+
+class MissingModelFile(ModelFileError, FileNotFoundError):
+    """A model file (or folder) that is not there; also a `FileNotFoundError`."""
+
+
+class InvalidUTF8(KVArrayError, ValueError):
+    """Text that is not valid UTF-8: a prompt given as bytes that do not decode (or a str holding lone
+    surrogates, what Python makes of such bytes in ``sys.argv``), a line of a batch file.
+
+    Attributes:
+        offset: index of the first bad byte (bytes) or character (str) in what was given.
+    """
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class NonFiniteLogits(KVArrayError, ValueError):
+    """A request's logits row holds NaN or +inf (or only -inf): there is no token to choose. The engine
+    fails that request alone (`FinishReason.ERROR`)."""
+
+
+class RequestFailed(KVArrayError, RuntimeError):
+    """A request that finished with `FinishReason.ERROR` (raised by ``generate``, once every request of
+    the call has finished; the original exception is its ``__cause__`` and ``request.error``).
+
+    Attributes:
+        request_id: the failed request; outputs: every request's new tokens of the call, in order (the
+            failed ones hold what they produced before failing).
+    """
+
+    def __init__(self, message: str, request_id: int, outputs: list[list[int]] | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.outputs: list[list[int]] = outputs or []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.request_id, self.outputs)
+
+
+class EngineBusy(KVArrayError, RuntimeError):
+    """`step` called while another thread is inside `step` of the same engine (one thread steps; any
+    thread may add or cancel requests)."""

@@ -159,6 +159,13 @@ def check_entries(
                                                                         "seq_entry"))
     if table is None or written is None or ids is None or rows is None:
         return "entries.table, entries.written, entries.seq_ids and entries.seq_entry are needed"
+    wanted = (("table", table, "i", 2), ("written", written, "ub", 2), ("seq_ids", ids, "i", 1),
+              ("seq_entry", rows, "i", 1))
+    for name, arr, kinds, rank in wanted:
+        flags = name == "written" and arr.size and arr.max() > 1
+        if arr.dtype.kind not in kinds or arr.ndim != rank or flags:
+            what = "0/1 uint8" if name == "written" else "int64"
+            return f"entries.{name} must be {what} of rank {rank}, got {arr.dtype} {tuple(arr.shape)}"
     n = len(table)
     if table.shape != (n, 4) or written.shape != (n, num_layers) or ids.shape != rows.shape:
         return "entries arrays of mismatched shapes"

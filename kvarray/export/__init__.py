@@ -19,7 +19,7 @@ import onnx
 from ..errors import UnsupportedModel
 from ..spec import storage_dtype
 from .attention import View
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, MissingModelFile, ModelFileError, read_config
 from .llama import export_llama
 from .metadata import GraphInfo, read_metadata
 from .t5 import export_t5
@@ -55,6 +55,8 @@ def export(
             (``past_key.{i} [S, kv_heads, L, head_dim]`` plus ``token_sequence [T]``).
 
     Raises:
+        MissingModelFile, ModelFileError: the checkpoint folder or one of its files is missing, truncated
+            or corrupted (`Checkpoint`).
         UnsupportedModel: an arch without an exporter, or a config the exporter does not implement.
         MissingTensor, ShapeMismatch, SpecMismatch: the checkpoint and its config disagree.
         DTypeMismatch: an unknown kv_dtype, or int8 with the gathered view.
@@ -90,4 +92,15 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-__all__ = ["EXPORTERS", "Checkpoint", "GraphInfo", "View", "export", "read_metadata", "save_model"]
+__all__ = [
+    "EXPORTERS",
+    "Checkpoint",
+    "GraphInfo",
+    "MissingModelFile",
+    "ModelFileError",
+    "View",
+    "export",
+    "read_config",
+    "read_metadata",
+    "save_model",
+]

@@ -31,6 +31,9 @@ class View(enum.Enum):
 
     POOL = "pool"  # past_key.{i} [N, KV, D], the pool's first N cells, bias [T, N + T]
     GATHERED = "gathered"  # past_key.{i} [S, KV, L, D] staging buffer + token_sequence [T], bias [T, L + T]
+    # DECODE: the gathered staging buffer of a pass where every sequence feeds one token (T = S), read by
+    # com.microsoft GroupQueryAttention with seqlens_k [S]; no bias (Llama only: `group_query_attention`)
+    DECODE = "decode"
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,60 @@ def declare_cross(g: GraphBuilder, layer: int, kv_heads: int, head_dim: int) -> 
     key = g.input(f"cross_key.{layer}", "float32", shape)
     value = g.input(f"cross_value.{layer}", "float32", shape)
     return KVBlock(key, value)
+
+
+def declare_decode_past(g: GraphBuilder, layer: int, kv_heads: int, head_dim: int) -> KVBlock:
+    """Declare layer `layer`'s decode-view past inputs ``past_key.{i}``, ``past_value.{i}``
+    ``[S, KV, L, D]`` float32 (the gathered staging buffer, row s for sequence s); `step_model` declares
+    their outputs ``present_key.{i}``, ``present_value.{i}`` (see `group_query_attention`)."""
+    shape: list[int | str] = ["tokens", kv_heads, "past_length", head_dim]
+    key = g.input(f"past_key.{layer}", "float32", shape)
+    value = g.input(f"past_value.{layer}", "float32", shape)
+    return KVBlock(key, value, per_token=True)
+
+
+def group_query_attention(
+    g: GraphBuilder,
+    layer: int,
+    query: str,
+    key: str,
+    value: str,
+    past: KVBlock,
+    seqlens_k: str,
+    total: str,
+    *,
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    scale: float,
+) -> str:
+    """The decode view's attention of layer `layer`: ONNX Runtime's com.microsoft GroupQueryAttention over
+    `past` (`declare_decode_past`) and this pass's token of each sequence -> ``[T, H * D]`` (T = S: token
+    s is sequence s's only one).
+
+    Args:
+        query: ``[T, H, D]`` (after RoPE); key, value: ``[T, KV, D]`` (key after RoPE).
+        seqlens_k: ``[S]`` int32, each sequence's past length: its rows ``[0, seqlens_k)`` are read, and
+            this pass's token goes to row ``seqlens_k`` (GroupQueryAttention's "total length - 1").
+        total: int32 scalar, L (the past buffer's rows).
+        group: query heads per kv head (query head h reads kv head h // group, as `attention` does).
+
+    GroupQueryAttention writes this pass's rows into its outputs ``present_key.{i}`` /
+    ``present_value.{i}`` ``[S, KV, L, D]``: bound to the past inputs' own memory, they are written in
+    place and nothing is copied (ONNX Runtime shares the buffer when the pointers are equal); bound
+    elsewhere, the past is copied into them first.
+    """
+    heads = kv_heads * group
+    q = g.op("Reshape", query, g.const([0, 1, heads * head_dim]))  # [S, 1, H*D]
+    k = g.op("Reshape", key, g.const([0, 1, kv_heads * head_dim]))
+    v = g.op("Reshape", value, g.const([0, 1, kv_heads * head_dim]))
+    out = g.op(
+        "GroupQueryAttention",
+        q, k, v, past.key, past.value, seqlens_k, total,
+        outputs=[f"layers.{layer}.attention", f"present_key.{layer}", f"present_value.{layer}"],
+        domain="com.microsoft",
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        scale=scale,
+    )[0]  # fmt: skip
+    return g.op("Reshape", out, g.const([0, heads * head_dim]))

@@ -18,12 +18,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+#: the domain of ONNX Runtime's contrib ops (GroupQueryAttention in the decode view), opset version 1
+CONTRIB_DOMAIN = "com.microsoft"
 INT64_MAX = np.iinfo(np.int64).max
 #: ONNX element types of the dtype names used in kvarray.
 ELEM_TYPE = {
     "float32": TensorProto.FLOAT,
     "float16": TensorProto.FLOAT16,
     "int8": TensorProto.INT8,
+    "int32": TensorProto.INT32,
     "int64": TensorProto.INT64,
 }
 
@@ -95,11 +98,10 @@ class GraphBuilder:
     def model(self, metadata: dict[str, str]) -> onnx.ModelProto:
         """The finished, checked ModelProto with `metadata` as its metadata_props."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name="kvarray",
-        )
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == CONTRIB_DOMAIN for node in self.nodes):
+            opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))  # ONNX Runtime's contrib ops
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="kvarray")
         model.ir_version = 8  # readable by onnxruntime >= 1.14
         helper.set_model_props(model, metadata)
         onnx.checker.check_model(model)

@@ -8,6 +8,9 @@ Shapes: T tokens of the pass, S sequences, N pool cells, M encoder rows, KV kv h
     decoder step, cross inputs   per layer i: cross_key.{i}, cross_value.{i} [M, KV, D] float32,
                                  cross_bias [T, M] float32 (encoder-decoder models)
     decoder step, outputs        logits [S, vocab] float32, per layer new_key.{i}, new_value.{i} [T, KV, D]
+    decode view (Llama)          input_ids, position_ids [S], seqlens_k [S] int32, per layer past_key.{i},
+                                 past_value.{i} [S, KV, L, D] float32: `declare_decode_inputs`; outputs add
+                                 per layer present_key.{i}, present_value.{i} [S, KV, L, D]
     encoder, outputs             per decoder layer i: cross_key.{i}, cross_value.{i} [rows, KV, D] float32,
                                  every layer's k and v projections packed into one MatMul
 
@@ -24,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import DTypeMismatch
+from ..errors import DTypeMismatch, UnsupportedModel
 from ..spec import KVSpec, RopeSpec, check_group_size
-from .attention import KVBlock, View, declare_cross, declare_past, past_input_names
+from .attention import KVBlock, View, declare_cross, declare_decode_past, declare_past, past_input_names
 from .checkpoint import Checkpoint
 from .graph import Dim, GraphBuilder, linear
 from .metadata import graph_metadata
@@ -55,9 +58,12 @@ def declare_step_inputs(
     """Declare input_ids, position_ids, (gathered) token_sequence and every layer's past, in that order.
 
     Raises (before declaring anything):
+        UnsupportedModel: the decode view (its inputs are `declare_decode_inputs`', for Llama).
         DTypeMismatch: int8 with the gathered view (it reads a float staging buffer).
         ShapeMismatch: int8 with rows of ``kv_heads * head_dim`` values that groups of 32 do not tile.
     """
+    if view is View.DECODE:
+        raise UnsupportedModel("the decode view (GroupQueryAttention) is exported for Llama only")
     if kv_dtype == "int8":
         if view is View.GATHERED:
             raise DTypeMismatch(
@@ -70,6 +76,40 @@ def declare_step_inputs(
     token_sequence = g.input("token_sequence", "int64", ["tokens"]) if view is View.GATHERED else None
     pasts = [declare_past(g, i, view, kv_dtype, kv_heads, head_dim, token_sequence) for i in range(layers)]
     return StepInputs(input_ids, position_ids, token_sequence, pasts)
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """The inputs of a decode-view decoder step (graph value names)."""
+
+    input_ids: str  # [S] int64, one token per sequence
+    position_ids: str  # [S] int64
+    seqlens_k: str  # [S] int32, each sequence's past length
+    total: str  # int32 scalar: L, the rows of the past buffers (computed from past_key.0's shape)
+    pasts: list[KVBlock]  # one per layer, [S, KV, L, D]
+
+
+def declare_decode_inputs(
+    g: GraphBuilder, kv_dtype: str, layers: int, kv_heads: int, head_dim: int
+) -> DecodeInputs:
+    """Declare a decode-view step's input_ids, position_ids, seqlens_k and every layer's past, in that
+    order (`declare_decode_past`).
+
+    Raises (before declaring anything) DTypeMismatch: a kv_dtype other than float32 (the gathered staging
+    buffer of a float32 or int8 cache; the float16 path is not written).
+    """
+    if kv_dtype != "float32":
+        raise DTypeMismatch(
+            f"the decode view reads the gathered view in float32 (a float32 or int8 cache: the gather "
+            f"dequantizes); export it with kv_dtype float32, not {kv_dtype}"
+        )
+    input_ids = g.input("input_ids", "int64", ["tokens"])
+    position_ids = g.input("position_ids", "int64", ["tokens"])
+    seqlens_k = g.input("seqlens_k", "int32", ["tokens"])
+    pasts = [declare_decode_past(g, i, kv_heads, head_dim) for i in range(layers)]
+    rows = g.op("Shape", pasts[0].key, start=2, end=3)  # [1] L
+    total = g.op("Cast", g.op("Squeeze", rows, g.const([0])), to=onnx.TensorProto.INT32)
+    return DecodeInputs(input_ids, position_ids, seqlens_k, total, pasts)
 
 
 def declare_cross_inputs(
@@ -95,8 +135,9 @@ def step_model(
     """Declare the decoder step's outputs and return its model with metadata.
 
     A node must already produce ``logits [S, vocab_size]`` and, per layer of `spec`, ``new_key.{i}`` and
-    ``new_value.{i}`` ``[T, spec.num_kv_heads, spec.head_dim]`` float32. `token_ids`: the config.json keys
-    the metadata records (`TOKEN_IDS` or `SEQ2SEQ_TOKEN_IDS`).
+    ``new_value.{i}`` ``[T, spec.num_kv_heads, spec.head_dim]`` float32 (the decode view: also
+    ``present_key.{i}``, ``present_value.{i}`` ``[S, KV, L, D]``). `token_ids`: the config.json keys the
+    metadata records (`TOKEN_IDS` or `SEQ2SEQ_TOKEN_IDS`).
     """
     outputs = ["logits"]
     g.output("logits", "float32", ["logits_rows", vocab_size])
@@ -104,6 +145,11 @@ def step_model(
         for name in (f"new_key.{i}", f"new_value.{i}"):
             g.output(name, "float32", ["tokens", spec.num_kv_heads, spec.head_dim])
             outputs.append(name)
+    if view is View.DECODE:
+        for i in range(spec.num_layers):
+            for name in (f"present_key.{i}", f"present_value.{i}"):
+                g.output(name, "float32", ["tokens", spec.num_kv_heads, "past_length", spec.head_dim])
+                outputs.append(name)
     inputs = [v.name for v in g.inputs]
     meta = graph_metadata(
         architecture=architecture,

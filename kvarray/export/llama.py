@@ -11,6 +11,15 @@ One graph per model, flat over the pass's T tokens (any mix of sequences, prefil
     outputs  logits [S, vocab] float32, per layer new_key.{i}, new_value.{i} [T, KV, D] float32
              (keys after RoPE: what the cache stores)
 
+The decode view (`View.DECODE`, passes where every sequence feeds one token: T = S) takes
+input_ids, position_ids [S], seqlens_k [S] int32 (each sequence's past length), per layer past_key.{i},
+past_value.{i} [S, KV, L, D] float32 (the gathered view), logits_index [S], no bias, and adds the outputs
+present_key.{i}, present_value.{i} [S, KV, L, D]. It is built from ONNX Runtime's contrib ops (domain
+com.microsoft, CPU and CUDA): GroupQueryAttention (`attention.group_query_attention`), RotaryEmbedding
+over precomputed cos / sin tables of ``max_position_embeddings`` rows, and SkipSimplifiedLayerNormalization
+(the residual Add joined to the next RMSNorm): about half the nodes of the standard-ops graphs, whose
+per-node cost dominates a small decode pass on the CPU.
+
 Checkpoint: transformers' `LlamaForCausalLM` names and layouts (``model.layers.{i}.self_attn.q_proj.weight``
 ``[H * D, E]``, ...). The q/k/v and gate/up projections are packed into one MatMul each at export time.
 """
@@ -18,6 +27,7 @@ Checkpoint: transformers' `LlamaForCausalLM` names and layouts (``model.layers.{
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +36,17 @@ import onnx
 
 from ..errors import SpecMismatch, UnsupportedModel
 from ..spec import KVSpec, Llama3Scaling, RopeSpec, RopeStyle
-from .attention import KVBlock, View, attention
+from .attention import KVBlock, View, attention, group_query_attention
 from .checkpoint import Checkpoint
-from .graph import GraphBuilder, apply_rope, linear, rms_norm, rotary_tables, silu
-from .interface import TOKEN_IDS, declare_step_inputs, step_model
+from .graph import CONTRIB_DOMAIN, GraphBuilder, apply_rope, linear, rms_norm, rotary_tables, silu
+from .interface import (
+    TOKEN_IDS,
+    DecodeInputs,
+    StepInputs,
+    declare_decode_inputs,
+    declare_step_inputs,
+    step_model,
+)
 
 MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("default", "llama3")
@@ -141,23 +158,45 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
     E, KV, D, V = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     g = GraphBuilder("kvarray_llama_decoder_step")
 
-    inputs = declare_step_inputs(g, view, kv_dtype, cfg.num_layers, KV, D)
-    bias = g.input("attention_bias", "float32", ["tokens", "past_and_tokens"])
+    inputs: DecodeInputs | StepInputs
+    if view is View.DECODE:
+        inputs = declare_decode_inputs(g, kv_dtype, cfg.num_layers, KV, D)
+        bias = ""  # GroupQueryAttention masks by seqlens_k
+    else:
+        inputs = declare_step_inputs(g, view, kv_dtype, cfg.num_layers, KV, D)
+        bias = g.input("attention_bias", "float32", ["tokens", "past_and_tokens"])
     logits_index = g.input("logits_index", "int64", ["logits_rows"])
 
     embed = g.weight("model.embed_tokens.weight", ckpt.tensor("model.embed_tokens.weight", [V, E]))
     h = g.op("Gather", embed, inputs.input_ids, axis=0)  # [T, E]
     with g.scope("rope"):
-        cos, sin = rotary_tables(g, inputs.position_ids, cfg.rope.inv_freq(D))
+        rope = _rope(g, ckpt, cfg, inputs.position_ids, fused=view is View.DECODE)
 
-    for i in range(cfg.num_layers):
-        with g.scope(f"layers.{i}"):
-            h = g.op("Add", h, _self_attention(g, ckpt, cfg, h, i, inputs.pasts[i], (cos, sin), bias))
-            h = g.op("Add", h, _mlp(g, ckpt, cfg, h, f"model.layers.{i}"))
+    norms = [f"model.layers.{i}.{n}" for i in range(cfg.num_layers) for n in NORMS] + ["model.norm"]
+    weights = [ckpt.tensor(f"{n}.weight", [E]) for n in norms]
+    if view is View.DECODE:  # residual Add + next RMSNorm as one SkipSimplifiedLayerNormalization
+        x = rms_norm(g, h, weights[0], cfg.rms_norm_eps, norms[0])
+        for k in range(2 * cfg.num_layers):
+            i, p = divmod(k, 2)
+            with g.scope(f"layers.{i}"):
+                if p == 0:
+                    out = _self_attention(g, ckpt, cfg, x, i, inputs, rope, bias)
+                else:
+                    out = _mlp(g, ckpt, cfg, x, f"model.layers.{i}")
+                x, h = _skip_norm(g, out, h, weights[k + 1], cfg.rms_norm_eps, norms[k + 1])
+        last = g.op("Gather", x, logits_index, axis=0)  # [S, E], final norm applied
+    else:
+        for i in range(cfg.num_layers):
+            with g.scope(f"layers.{i}"):
+                x = rms_norm(g, h, weights[2 * i], cfg.rms_norm_eps, norms[2 * i])
+                h = g.op("Add", h, _self_attention(g, ckpt, cfg, x, i, inputs, rope, bias))
+                x = rms_norm(g, h, weights[2 * i + 1], cfg.rms_norm_eps, norms[2 * i + 1])
+                h = g.op("Add", h, _mlp(g, ckpt, cfg, x, f"model.layers.{i}"))
+        with g.scope("head"):
+            last = g.op("Gather", h, logits_index, axis=0)  # [S, E]
+            last = rms_norm(g, last, weights[-1], cfg.rms_norm_eps, "model.norm")
 
     with g.scope("head"):
-        last = g.op("Gather", h, logits_index, axis=0)  # [S, E]
-        last = rms_norm(g, last, ckpt.tensor("model.norm.weight", [E]), cfg.rms_norm_eps, "model.norm")
         if cfg.tie_word_embeddings:
             head = embed
         else:
@@ -166,24 +205,78 @@ def build_decoder_step(ckpt: Checkpoint, kv_dtype: str, view: View) -> onnx.Mode
     return step_model(g, ckpt, "llama", cfg.spec, V, kv_dtype, view, rope=cfg.rope, token_ids=TOKEN_IDS)
 
 
+#: each layer's RMSNorms, in order (the input one before attention, the other before the MLP)
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _rope(
+    g: GraphBuilder, ckpt: Checkpoint, cfg: LlamaConfig, position_ids: str, *, fused: bool
+) -> Callable[[str], str]:
+    """The rotation of ``qk [T, heads, D]`` (queries and keys together) at ``position_ids [T]``.
+
+    Standard ops (`fused` False): cos / sin computed in the graph from the positions (`rotary_tables`),
+    `apply_rope`. Fused: com.microsoft RotaryEmbedding over ``[1, T, heads * D]`` with cos / sin tables
+    ``[max_position_embeddings, R / 2]`` (float32 angles ``float32(p) * inv_freq``, as transformers
+    computes them), stored in the graph.
+    """
+    D = cfg.head_dim
+    rotary = cfg.rope.rotary_dims(D)
+    inv_freq = cfg.rope.inv_freq(D).astype(np.float32)
+    if not fused:
+        cos, sin = rotary_tables(g, position_ids, inv_freq)
+        return lambda qk: apply_rope(g, qk, cos, sin, rotary, D)
+    rows = int(ckpt.require("max_position_embeddings"))
+    angles = np.arange(rows, dtype=np.float32)[:, None] * inv_freq[None, :]  # [P, R / 2] float32
+    cos = g.weight("rope.cos_cache", np.cos(angles).astype(np.float32))
+    sin = g.weight("rope.sin_cache", np.sin(angles).astype(np.float32))
+    positions = g.op("Unsqueeze", position_ids, g.const([0]))  # [1, T]
+    heads = cfg.num_heads + cfg.num_kv_heads
+    partial = {} if rotary == D else {"rotary_embedding_dim": rotary}
+
+    def rotate(qk: str) -> str:
+        flat = g.op("Reshape", qk, g.const([1, -1, heads * D]))
+        flat = g.op(
+            "RotaryEmbedding", flat, positions, cos, sin, domain=CONTRIB_DOMAIN, num_heads=heads, **partial
+        )
+        return g.op("Reshape", flat, g.const([-1, heads, D]))
+
+    return rotate
+
+
+def _skip_norm(
+    g: GraphBuilder, x: str, residual: str, weight: np.ndarray, eps: float, name: str
+) -> tuple[str, str]:
+    """``(RMSNorm(residual + x), residual + x)`` of ``[T, E]`` rows as one com.microsoft
+    SkipSimplifiedLayerNormalization (its 4th output is the sum)."""
+    normed, _, _, total = g.op(
+        "SkipSimplifiedLayerNormalization",
+        x,
+        residual,
+        g.weight(f"{name}.weight", weight),
+        outputs=4,
+        domain=CONTRIB_DOMAIN,
+        epsilon=eps,
+    )
+    return normed, total
+
+
 def _self_attention(
     g: GraphBuilder,
     ckpt: Checkpoint,
     cfg: LlamaConfig,
-    h: str,
+    x: str,
     i: int,
-    past: KVBlock,
-    rope: tuple[str, str],
+    inputs: DecodeInputs | StepInputs,
+    rope: Callable[[str], str],
     bias: str,
 ) -> str:
-    """Layer i's attention over `past` and this pass of the input RMSNorm of ``h [T, E]`` -> ``[T, E]``.
+    """Layer i's attention of the normed ``x [T, E]`` over its past (``inputs.pasts[i]``) and this pass ->
+    ``[T, E]``: the block attention with `bias`, or (decode view) GroupQueryAttention.
 
     Produces the graph outputs ``new_key.{i}`` (after RoPE) and ``new_value.{i}`` ``[T, KV, D]``.
     """
     E, H, KV, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     p = f"model.layers.{i}"
-    norm = ckpt.tensor(f"{p}.input_layernorm.weight", [E])
-    x = rms_norm(g, h, norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
     rows = (("q", H * D), ("k", KV * D), ("v", KV * D))
     weight = np.concatenate([ckpt.tensor(f"{p}.self_attn.{n}_proj.weight", [r, E]) for n, r in rows])
     bias_qkv = None
@@ -192,22 +285,25 @@ def _self_attention(
     qkv = linear(g, x, weight, f"{p}.self_attn.qkv_proj", bias_qkv)  # [T, (H + 2 KV) D]
     qkv = g.op("Reshape", qkv, g.const([0, H + 2 * KV, D]))
     qk, value = g.op("Split", qkv, g.const([H + KV, KV]), axis=1, outputs=[f"{p}.qk", f"new_value.{i}"])
-    qk = apply_rope(g, qk, *rope, cfg.rope.rotary_dims(D), D)  # q and k rotate together
+    qk = rope(qk)  # q and k rotate together
     query, key = g.op("Split", qk, g.const([H, KV]), axis=1, outputs=[f"{p}.query", f"new_key.{i}"])
-    blocks = [past, KVBlock(key, value)]  # past cells, then this pass's tokens
-    out = attention(
-        g, query, blocks, bias, kv_heads=KV, group=cfg.group, head_dim=D, scale=1.0 / math.sqrt(D)
-    )
+    scale = 1.0 / math.sqrt(D)
+    if isinstance(inputs, DecodeInputs):
+        out = group_query_attention(
+            g, i, query, key, value, inputs.pasts[i], inputs.seqlens_k, inputs.total,
+            kv_heads=KV, group=cfg.group, head_dim=D, scale=scale,
+        )  # fmt: skip
+    else:
+        blocks = [inputs.pasts[i], KVBlock(key, value)]  # past cells, then this pass's tokens
+        out = attention(g, query, blocks, bias, kv_heads=KV, group=cfg.group, head_dim=D, scale=scale)
     o_bias = ckpt.tensor(f"{p}.self_attn.o_proj.bias", [E]) if cfg.attention_bias else None
     o_weight = ckpt.tensor(f"{p}.self_attn.o_proj.weight", [E, H * D])
     return linear(g, out, o_weight, f"{p}.self_attn.o_proj", o_bias)
 
 
-def _mlp(g: GraphBuilder, ckpt: Checkpoint, cfg: LlamaConfig, h: str, p: str) -> str:
-    """SwiGLU: ``down(silu(gate(x)) * up(x))`` of the post-attention RMSNorm of ``h [T, E]`` -> ``[T, E]``."""
+def _mlp(g: GraphBuilder, ckpt: Checkpoint, cfg: LlamaConfig, x: str, p: str) -> str:
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` of the normed ``x [T, E]`` -> ``[T, E]``."""
     E, inner = cfg.hidden_size, cfg.intermediate_size
-    norm = ckpt.tensor(f"{p}.post_attention_layernorm.weight", [E])
-    x = rms_norm(g, h, norm, cfg.rms_norm_eps, f"{p}.post_attention_layernorm")
     gate_up = np.concatenate([ckpt.tensor(f"{p}.mlp.{n}_proj.weight", [inner, E]) for n in ("gate", "up")])
     bias = None
     if cfg.mlp_bias:

@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceMismatch, DTypeMismatch, IndexOutOfRange, ShapeMismatch
+from ..errors import ConfigError, DeviceMismatch, DTypeMismatch, IndexOutOfRange, ShapeMismatch
+from ..guard import check_finite
 from ..spec import RopeSpec
 from ..xp import is_device_array
 from .checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     INT8,
+    check_arrays,
     check_contiguous,
     check_dtype,
     check_indices,
@@ -102,13 +104,17 @@ def scatter_rows(pool: Any, rows: Any, cells: Any, scales: Any | None = None) ->
 
     Args:
         pool: ``[N, H, D]`` float16/float32, or int8 with `scales`; C-contiguous, written in place.
-        rows: ``[T, H, D]`` float16/float32 (converted to the pool's dtype on the way).
+        rows: ``[T, H, D]`` float16/float32 (converted to the pool's dtype on the way); finite for an int8
+            pool (`NonFiniteValues` otherwise: a NaN would leave its group's scale meaningless).
         cells: ``[T]`` int32/int64, distinct, in ``[0, N)``: ``pool[cells[t]] = rows[t]``.
         scales: ``[N, H * D // g]`` float16 for an int8 pool (written for each cell), else None.
     """
+    check_arrays(pool=pool, rows=rows, cells=cells, scales=scales)
     _check_pool("pool", pool, scales)
     _check_rows_match("rows", rows, pool)
     check_indices("cells", cells, rows.shape[0], pool.shape[0], distinct=True)
+    if dtype_of(pool) == INT8:
+        check_finite("rows", rows)  # NaN or infinity would leave a group's scale and values meaningless
     backend_for(pool, rows, cells, scales).scatter_rows(pool, rows, cells, scales)
 
 
@@ -124,6 +130,7 @@ def gather_rows(pool: Any, indptr: Any, indices: Any, out: Any, scales: Any | No
             float16/float32 for an int8 pool. Positions past a sequence's length are set to 0.
         scales: ``[N, H * D // g]`` float16 for an int8 pool, else None.
     """
+    check_arrays(pool=pool, indptr=indptr, indices=indices, out=out, scales=scales)
     _check_pool("pool", pool, scales)
     check_dtype("out", out, FLOAT_DTYPES if dtype_of(pool) == INT8 else (dtype_of(pool),))
     check_rank("out", out, 4, "[sequences, kv_heads, length, head_dim]")
@@ -165,6 +172,9 @@ def move_rows(pools: Sequence[Any], src: Any, dst: Any, length: Any) -> None:
     Every run reads the rows as they were before the call, so a run's source may overlap any destination;
     destination ranges must be pairwise disjoint, and all runs must lie in ``[0, N)``.
     """
+    if not isinstance(pools, (list, tuple)):
+        raise ShapeMismatch(f"pools must be a list or tuple of arrays, got {type(pools).__name__}")
+    check_arrays(**{f"pools[{i}]": pool for i, pool in enumerate(pools)}, src=src, dst=dst, length=length)
     if not pools:
         return
     rows = pools[0].shape[0]
@@ -192,8 +202,11 @@ def _check_runs(src: np.ndarray, dst: np.ndarray, length: np.ndarray, rows: int)
         return
     if (length < 0).any():
         raise IndexOutOfRange("run lengths must be >= 0")
+    if (length > rows).any():
+        raise IndexOutOfRange(f"every run must lie in [0, {rows}): a run is longer than the pools")
+    room = rows - length.astype(np.int64)  # start <= rows - length: no overflow, as start + length could
     for name, start in (("src", src), ("dst", dst)):
-        if (start < 0).any() or (start.astype(np.int64) + length > rows).any():
+        if (start < 0).any() or (start.astype(np.int64) > room).any():
             raise IndexOutOfRange(f"every {name} run must lie in [0, {rows})")
     order = np.argsort(dst, kind="stable")
     begins, ends = dst[order], dst[order] + length[order]
@@ -207,12 +220,15 @@ def quantize_int8(x: Any, q: Any, scales: Any) -> None:
     """Quantize float rows to int8 with one float16 scale per group (symmetric absmax; docs/kernels.md).
 
     Args:
-        x: ``[R, ...]`` float16/float32, C = prod of the trailing dims values per row.
+        x: ``[R, ...]`` float16/float32, C = prod of the trailing dims values per row, finite
+            (`NonFiniteValues` otherwise).
         q: int8, x's shape, written.
         scales: ``[R, C // g]`` float16, written; g consecutive values of a row share a scale.
     """
+    check_arrays(x=x, q=q, scales=scales)
     _check_quant_pair("x", x, q, scales)
     check_dtype("x", x, FLOAT_DTYPES)
+    check_finite("x", x)
     backend_for(x, q, scales).quantize_int8(x, q, scales)
 
 
@@ -224,6 +240,7 @@ def dequantize_int8(q: Any, scales: Any, out: Any) -> None:
         scales: ``[R, C // g]`` float16.
         out: float16/float32, q's shape, written.
     """
+    check_arrays(q=q, scales=scales, out=out)
     _check_quant_pair("out", out, q, scales)
     check_dtype("out", out, FLOAT_DTYPES)
     check_contiguous("out", out, writable=True)
@@ -255,6 +272,9 @@ def rope_shift(pool: Any, cells: Any, deltas: Any, rope: RopeSpec, scales: Any |
         rope: the model's `RopeSpec` (theta, rotary dims, neox or gptj pairing, scaling).
         scales: ``[N, H * D // g]`` float16 for an int8 pool, else None.
     """
+    check_arrays(pool=pool, cells=cells, deltas=deltas, scales=scales)
+    if not isinstance(rope, RopeSpec):
+        raise ConfigError(f"rope must be a RopeSpec, got {type(rope).__name__}")
     _check_pool("pool", pool, scales)
     rope.rotary_dims(pool.shape[2])
     check_indices("cells", cells, cells.shape[0] if cells.ndim == 1 else -1, pool.shape[0], distinct=True)

@@ -24,6 +24,15 @@ def dtype_of(x: Any) -> np.dtype:
     return np.dtype(x.dtype)
 
 
+def check_arrays(**named: Any) -> None:
+    """Raise `DTypeMismatch` for an argument that is not an array (a NumPy array or scalar, or a device
+    array); None passes (an optional argument left out). The wrappers call it first, so a list gets a named
+    error, not an AttributeError from deep inside a check."""
+    for name, x in named.items():
+        if x is not None and not isinstance(x, (np.ndarray, np.generic)) and not is_device_array(x):
+            raise DTypeMismatch(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+
+
 def check_dtype(name: str, x: Any, allowed: tuple[np.dtype, ...]) -> None:
     if dtype_of(x) not in allowed:
         wanted = " or ".join(str(d) for d in allowed)

@@ -18,7 +18,10 @@ from typing import Any
 import numba
 import numpy as np
 
+from ..errors import DTypeMismatch, IndexOutOfRange, LayoutError, ShapeMismatch
 from ..spec import RopeSpec, RopeStyle
+from .checks import INDEX_DTYPES, check_contiguous, check_dtype, check_rank
+from .cpu_copy import PIECE_BYTES, CopyHelper
 from .cpu_int8 import dequantize_rows, gather_dequantize, quantize_rows, rope_int8
 from .cpu_njit import (
     MOVE_PIECE_BYTES,
@@ -35,7 +38,8 @@ from .cpu_njit import (
 )
 
 __all__ = [
-    "dequantize_int8", "gather_rows", "kv_writer", "move_rows", "quantize_int8", "rope_shift", "scatter_rows",
+    "copy_runs", "dequantize_int8", "gather_rows", "kv_writer", "move_rows", "quantize_int8", "rope_shift",
+    "scatter_rows",
 ]
 
 #: Calls moving fewer bytes than this run the serial twin of their kernel (no thread wake-up, see
@@ -266,6 +270,77 @@ def move_rows(pools: Sequence[np.ndarray], src: np.ndarray, dst: np.ndarray, len
         direct = ~staged
         if direct.any():
             copy(base, base, rows, rows, (src[direct], dst[direct], count[direct]))
+
+
+#: The helper thread of `copy_runs` (`kvarray.ops.cpu_copy`): started by the first call it helps.
+_COPY_HELPER = CopyHelper()
+
+
+def copy_runs(
+    src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, dst_start: np.ndarray, counts: np.ndarray
+) -> None:
+    """Copy runs of rows between two arrays, bit for bit: for each run r,
+    ``dst[dst_start[r] : dst_start[r] + counts[r]] = src[src_start[r] : src_start[r] + counts[r]]``.
+
+    ``src [N, ...]``, ``dst [R, ...]``: host arrays of one dtype and one row shape, C-contiguous, not
+    sharing memory, `dst` writable; ``src_start``, ``dst_start``, ``counts``: ``[K]`` int32/int64, counts
+    >= 0, every run inside its array, destination runs pairwise disjoint. CPU only (no CUDA twin): it checks
+    its arguments itself and raises `DTypeMismatch`, `ShapeMismatch`, `LayoutError` or `IndexOutOfRange`
+    before writing anything.
+
+    The runs are cut into pieces of at most `PIECE_BYTES`, taken one at a time by the calling thread and,
+    for calls of `PARALLEL_BYTES` or more, a helper thread (`kvarray.ops.cpu_copy`: the caller waits only
+    for pieces the helper took, never for a helper that has not started). Calls writing `STREAM_BYTES` or
+    more use non-temporal stores, as libc's memcpy does for one large copy, so many runs of a few megabytes
+    stream as well as one long copy.
+    """
+    _check_copy_runs(src, dst, src_start, dst_start, counts)
+    live = np.asarray(counts) > 0
+    row_bytes = src.nbytes // src.shape[0] if src.shape[0] else 0
+    if not live.any() or row_bytes == 0:
+        return
+    piece = max(1, PIECE_BYTES // row_bytes)
+    runs = (_index(src_start)[live], _index(dst_start)[live], _index(counts)[live])
+    from_row, to_row, rows = _pieces(*runs, piece)
+    nbytes = int(rows.sum()) * row_bytes
+    counters = np.zeros(2, dtype=np.int64)
+    work = (
+        counters, np.uint64(dst.ctypes.data), dst.nbytes, np.uint64(src.ctypes.data), src.nbytes,
+        to_row * row_bytes, from_row * row_bytes, rows * row_bytes, nbytes >= STREAM_BYTES,
+    )
+    _COPY_HELPER.run(work, helped=nbytes >= PARALLEL_BYTES)
+
+
+def _check_copy_runs(
+    src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, dst_start: np.ndarray, counts: np.ndarray
+) -> None:
+    if src.dtype != dst.dtype:
+        raise DTypeMismatch(f"copy_runs copies bits: src is {src.dtype}, dst {dst.dtype}")
+    if src.ndim < 1 or dst.ndim < 1 or src.shape[1:] != dst.shape[1:]:
+        raise ShapeMismatch(f"src and dst must be [rows, ...] of one row shape, got {src.shape}, {dst.shape}")
+    check_contiguous("src", src)
+    check_contiguous("dst", dst, writable=True)
+    if np.may_share_memory(src, dst):
+        raise LayoutError("copy_runs: src and dst must not share memory")
+    runs = src_start.shape[0] if getattr(src_start, "ndim", 0) == 1 else -1
+    for name, arr in (("src_start", src_start), ("dst_start", dst_start), ("counts", counts)):
+        check_dtype(name, arr, INDEX_DTYPES)
+        check_rank(name, arr, 1, "[runs]")
+        if arr.shape[0] != runs:
+            raise ShapeMismatch(f"{name} has {arr.shape[0]} entries, src_start {runs}: one per run")
+    if runs == 0:
+        return
+    length = counts.astype(np.int64)
+    if (length < 0).any():
+        raise IndexOutOfRange("run lengths (counts) must be >= 0")
+    for name, start, rows in (("src", src_start, src.shape[0]), ("dst", dst_start, dst.shape[0])):
+        if (start < 0).any() or (start.astype(np.int64) + length > rows).any():
+            raise IndexOutOfRange(f"every {name} run must lie in [0, {rows})")
+    live = length > 0
+    order = np.argsort(dst_start[live], kind="stable")
+    begins = dst_start[live][order].astype(np.int64)
+    if (begins[1:] < (begins + length[live][order])[:-1]).any():
+        raise IndexOutOfRange("destination runs overlap: a row cannot receive two copies")
 
 
 def _reads_a_destination(src: np.ndarray, dst: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -44,13 +44,14 @@ def _call_every_kernel() -> list[str]:
             cpu.scatter_rows(pool, rows, cells)
             cpu.scatter_rows(pool, rows.astype(np.float32 if dtype == np.float16 else np.float16), cells)
             cpu.kv_writer(pool, pool.copy())(rows, rows, cells.astype(np.int64))
+            cpu.copy_runs(pool, np.empty_like(pool), *(np.array(a, dtype=index) for a in ([0], [1], [2])))
             cpu.gather_rows(pool, indptr, cells, np.empty((2, _HEADS, 2, _DIM), dtype=dtype))
             for style in RopeStyle:
                 cpu.rope_shift(pool, cells, np.array([3, -1], dtype=index), RopeSpec(style=style))
             cpu.move_rows(
                 [pool], np.array([0], dtype=index), np.array([1], dtype=index), np.array([2], dtype=index)
             )
-        names += ["scatter_rows", "kv_writer", "gather_rows", "rope_shift", "move_rows"]
+        names += ["scatter_rows", "kv_writer", "copy_runs", "gather_rows", "rope_shift", "move_rows"]
         qpool = np.zeros((_CELLS, _HEADS, _DIM), dtype=np.int8)
         scales = np.zeros((_CELLS, _HEADS * _DIM // _GROUP), dtype=np.float16)
         for dtype in (np.float16, np.float32):

@@ -3,6 +3,7 @@
     from kvarray.ort.audio import read_wav, log_mel
     samples = read_wav("speech.wav")          # [n] float32 in [-1, 1), 16 kHz mono
     features = log_mel(samples, n_mels=80)    # [80, 3000] float32: Whisper's input_features for 30 s
+    windows = split_windows(samples)          # audio of any length: consecutive 30 s windows
 
 `log_mel` follows transformers' `WhisperFeatureExtractor` (its NumPy path): the samples are zero-padded or
 trimmed to 30 s (480,000 samples at 16 kHz), framed with a periodic Hann window of ``n_fft = 400`` samples
@@ -10,6 +11,13 @@ at a hop of 160 (centred: reflect-padded by 200 on each side, so 3001 frames, th
 spectrum ``|rfft|^2`` (201 bins) is projected on ``n_mels`` triangular filters between 0 and 8 kHz (Slaney
 mel scale, Slaney area normalisation), floored at 1e-10, ``log10``, clamped from below at its maximum minus
 8, then mapped by ``(x + 4) / 4``.
+
+Audio longer than 30 s (Whisper's encoder takes exactly 30 s) is cut by `split_windows` into consecutive
+fixed windows of 30 s, no overlap: sample k goes to window ``k // 480000``, the last window holds the
+rest (``log_mel`` zero-pads it). Each window is transcribed alone (one request each:
+`Seq2SeqEngine.transcribe`) and the transcript is their tokens in window order (`join_windows`, each
+window's stop token dropped). A word cut by a window edge is heard by neither window whole; there is no
+overlap or timestamp-driven re-alignment (what Whisper's own long-form decoding does).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AudioFormatError
+from ..errors import AudioFormatError, ConfigError
 
 __all__ = [
     "CHUNK_SAMPLES",
@@ -28,12 +36,14 @@ __all__ = [
     "N_FRAMES",
     "SAMPLE_RATE",
     "hz_to_mel",
+    "join_windows",
     "log_mel",
     "mel_filters",
     "mel_to_hz",
     "pad_or_trim",
     "read_wav",
     "resample",
+    "split_windows",
 ]
 
 SAMPLE_RATE = 16_000  # Hz, what Whisper takes
@@ -90,6 +100,28 @@ def pad_or_trim(samples: np.ndarray, length: int = CHUNK_SAMPLES) -> np.ndarray:
     if samples.size >= length:
         return samples[:length]
     return np.pad(samples, (0, length - samples.size))
+
+
+def split_windows(samples: np.ndarray, window: int = CHUNK_SAMPLES) -> list[np.ndarray]:
+    """``[n]`` samples as consecutive windows ``samples[k * window : (k + 1) * window]`` (views, no
+    overlap), ``ceil(n / window)`` of them; the last holds the remainder; an empty input gives one empty
+    window. At 16 kHz with the default 30 s window, 70 s of audio (1,120,000 samples) gives windows of
+    30 s, 30 s and 10 s (480,000 + 480,000 + 160,000)."""
+    samples = np.asarray(samples).reshape(-1)
+    if window < 1:
+        raise ConfigError(f"window must be >= 1 sample, got {window}")
+    count = max(1, -(-samples.size // window))
+    return [samples[k * window : (k + 1) * window] for k in range(count)]
+
+
+def join_windows(outputs: list[list[int]], stop_tokens: frozenset[int] | set[int] = frozenset()) -> list[int]:
+    """One transcript from the tokens of consecutive windows: ``outputs[0] + outputs[1] + ...``, each
+    window's last token dropped when it is a stop token (the end of a window is not the end of the text)."""
+    joined: list[int] = []
+    for tokens in outputs:
+        end = len(tokens) - 1 if tokens and tokens[-1] in stop_tokens else len(tokens)
+        joined += tokens[:end]
+    return joined
 
 
 def log_mel(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:

@@ -5,6 +5,11 @@ with several, each request's prompt and text is printed when it finishes (in fin
 input order). When stderr is a terminal a progress line is updated in place there (``\r``), and cleared
 before the summary; when it is not (a pipe, a file, ``2>&1``), no progress is written, so it never mixes
 with the text. The summary goes to stderr.
+
+Errors: a prompt or batch file that is not UTF-8 (`InvalidUTF8`, with the line and column), a missing
+file, a damaged model folder or options out of range end the command before generating, with one line on
+stderr and status 1. A request that fails while generating (`FinishReason.ERROR`) is reported on stderr
+(``request K failed: ...``) while the others go on; the status is then 1.
 """
 
 from __future__ import annotations
@@ -49,26 +54,61 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
+    """The prompts: each --prompt (checked to be UTF-8), then the batch file's non-empty lines.
+
+    Raises `InvalidUTF8` (naming the --prompt, or the batch file's line and column), `OSError`.
+    """
+    from .tokenizer import utf8_bytes
+
+    prompts = [utf8_bytes(p, f"--prompt {k + 1}").decode("utf-8") for k, p in enumerate(args.prompt)]
     if args.batch_file:
-        lines = Path(args.batch_file).read_text(encoding="utf-8").splitlines()
-        prompts.extend(line for line in lines if line.strip())
+        raw = Path(args.batch_file).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            from ..errors import InvalidUTF8
+
+            line = raw.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise InvalidUTF8(
+                f"batch file {args.batch_file} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at line "
+                f"{line}, column {column}",
+                exc.start,
+            ) from None
+        prompts.extend(line for line in text.splitlines() if line.strip())
     return prompts
 
 
+def _check_model_dir(model_dir: str) -> None:
+    """Fail early, naming the file, on a model folder whose checkpoint/config.json is damaged."""
+    from ..export import read_config
+
+    config = Path(model_dir) / "checkpoint" / "config.json"
+    if config.is_file():
+        read_config(config)
+
+
 def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run `kvarray generate`; returns the exit status (2 without any prompt)."""
+    """Run `kvarray generate`; returns the exit status (2 without any prompt, 1 on an error or a failed
+    request)."""
+    from ..cli import error_line
     from ..errors import KVArrayError
     from .engine import Engine, EngineConfig, GraphKind, KVDtype
     from .sampling import SamplingParams
+    from .scheduler import FinishReason
 
     out = out or sys.stdout
     err = err or sys.stderr
-    prompts = _prompts(args)
+    try:
+        prompts = _prompts(args)
+    except (KVArrayError, OSError) as exc:
+        print(error_line("generate", exc), file=err)
+        return 1
     if not prompts:
         print("kvarray generate: give --prompt TEXT or --batch-file FILE", file=err)
         return 2
     try:
+        _check_model_dir(args.model_dir)
         config = EngineConfig(
             capacity=args.capacity,
             max_sequences=args.max_sequences,
@@ -87,9 +127,9 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
         )
         engine = Engine.from_model_dir(args.model_dir, config, graph=GraphKind(args.graph))
         tok = engine._tokenizer()
-        ids = [engine.add_request(tok.encode(p), params) for p in prompts]
-    except KVArrayError as exc:
-        print(f"kvarray generate: {type(exc).__name__}: {exc}", file=err)
+        ids = [engine.add_request(tok.encode(p.encode("utf-8")), params) for p in prompts]
+    except (KVArrayError, OSError) as exc:
+        print(error_line("generate", exc), file=err)
         return 1
     index = {rid: k for k, rid in enumerate(ids)}
     decoders = {rid: tok.decoder() for rid in ids}
@@ -100,8 +140,19 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
     total = len(prompts) * args.max_new_tokens
     progress = not args.quiet and err.isatty()
     ended = True  # the text written to `out` ends with a newline
+    failed = 0
     for event in engine.stream():
         rid = event.request.id
+        if event.reason is FinishReason.ERROR:
+            failed += 1
+            if not ended:
+                out.write("\n")
+                out.flush()
+                ended = True
+            line = error_line("generate", event.request.error or RuntimeError("unknown"))
+            print(line.replace(": ", f": request {index[rid]} failed: ", 1), file=err)
+            continue
+        assert event.token is not None
         piece = decoders[rid].feed(event.token)
         if single:
             out.write(piece)
@@ -140,4 +191,4 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
         file=err,
     )
     engine.close()
-    return 0
+    return 1 if failed else 0

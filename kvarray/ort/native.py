@@ -1,8 +1,27 @@
-"""The engine's runner for kvarray's native pool-view decoder step (docs/export.md): zero-copy pools.
+"""The engine's runners for kvarray's native decoder-step graphs (docs/export.md): pool, gathered or decode
+view.
 
-`PoolViewRunner` is the IO binding every native pool-view decoder step shares (Llama's here, T5's and
-Whisper's in `kvarray.ort.seq2seq`): the small int64 inputs, the pool view of every layer, the
-before-put bias, and the preallocated outputs.
+`NativeStepRunner` is the IO binding every native decoder step shares (Llama's here, T5's and Whisper's in
+`kvarray.ort.seq2seq`): the small integer inputs, the past of every layer, the attention bias, and the
+preallocated outputs. The graph's view (`GraphView`, from its metadata) says how the past is read
+(DESIGN.md, "view"):
+
+- pool: ``past_key.{i}`` / ``past_value.{i}`` are the pool view ``keys[:n_kv]`` ``[n_kv, H, D]``, bound
+  zero-copy, with ``attention_bias [T, n_kv + T]`` (the plan's ``bias_before_put``). Every token scores
+  every one of the n_kv cells: O(T * n_kv) per layer, which grows with the batch.
+- gathered: ``past_key.{i}`` / ``past_value.{i}`` are the cache's gathered view ``[S, H, L, D]`` (each
+  sequence's cells copied, in position order, by ``gather_rows``), ``token_sequence [T]`` names each
+  token's row and ``attention_bias [T, L + T]`` is `gathered_bias_before_put`. Every token scores the L
+  cells of its own sequence: O(T * L), plus the copies.
+- decode: passes where every sequence feeds one token (T = S) only. A gathered view again, read by
+  ONNX Runtime's GroupQueryAttention with ``seqlens_k [S]`` int32 (each sequence's past length, no bias);
+  its outputs ``present_key.{i}`` / ``present_value.{i}`` are bound to the same buffers, so the pass's
+  rows are written in place. Over a float32 cache without a window these buffers are a `DecodeMirror`
+  kept across passes: a pass copies only the rows a sequence gained since its last decode pass (its
+  prompt, once), not its whole past; otherwise they are the cache's gathered view.
+
+`ViewSwitch` runs a model's pool-view graph and a gathered- or decode-view twin over one cache and picks
+the graph per pass (`pick_view`).
 """
 
 from __future__ import annotations
@@ -14,18 +33,41 @@ import numpy as np
 import onnxruntime as ort
 
 from ..causal import CausalCache
-from ..errors import GraphMismatch, UnsupportedModel
+from ..errors import ConfigError, GraphMismatch, ShapeMismatch, UnsupportedModel
 from ..export import GraphInfo
+from ..export.attention import View as GraphView
 from ..spec import KVSpec
-from ..views import ForwardPlan, PoolView
+from ..views import NEG_INF, ForwardPlan, GatheredView, PoolView
 from .binding import Binder, OutputBuffers
-from .names import check_names, convention
+from .names import Convention, check_names, convention
 from .runner import Runner
 from .scheduler import Batch
 
-__all__ = ["NativeRunner", "PoolViewRunner", "row_mismatches"]
+__all__ = [
+    "DECODE_NAMES",
+    "TWIN_MIN_SEQUENCES",
+    "DecodeMirror",
+    "GraphView",
+    "NativeRunner",
+    "NativeStepRunner",
+    "ViewSwitch",
+    "gathered_bias_before_put",
+    "pick_view",
+    "row_mismatches",
+]
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
+#: the cache storages a gathered- or decode-view graph of a given past dtype reads (the gather dequantizes
+#: int8 to the spec's float32)
+GATHERED_STORAGE = {"float32": ("float32", "int8"), "float16": ("float16",)}
+#: the names of a decode-view decoder step (kvarray.export, `View.DECODE`)
+DECODE_NAMES = Convention(
+    "native-decode",
+    ("input_ids", "position_ids", "seqlens_k", "logits_index"),
+    ("logits",),
+    ("past_key.{i}", "past_value.{i}"),
+    ("new_key.{i}", "new_value.{i}", "present_key.{i}", "present_value.{i}"),
+)
 
 
 def row_mismatches(spec: KVSpec, args: list[Any]) -> list[str]:
@@ -39,34 +81,158 @@ def row_mismatches(spec: KVSpec, args: list[Any]) -> list[str]:
     ]
 
 
-def pool_step_mismatches(
-    spec: KVSpec, vocab_size: int, ins: dict[str, Any], outs: dict[str, Any]
+def step_mismatches(
+    spec: KVSpec,
+    vocab_size: int,
+    ins: dict[str, Any],
+    outs: dict[str, Any],
+    view: GraphView = GraphView.POOL,
 ) -> list[str]:
-    """What of a native pool-view decoder step does not fit `spec`: ``past_key.{i}`` / ``past_value.{i}``
-    inputs and ``new_key.{i}`` / ``new_value.{i}`` outputs ``[*, H, D]``, ``logits [*, vocab_size]``
-    (names already checked with `check_names`)."""
-    args = []
+    """What of a native decoder step does not fit `spec`: ``past_key.{i}`` / ``past_value.{i}`` inputs
+    (pool ``[*, H, D]``, gathered and decode ``[*, H, *, D]``), ``new_key.{i}`` / ``new_value.{i}``
+    outputs ``[*, H, D]``, ``logits [*, vocab_size]`` (names already checked with `check_names`)."""
+    heads, dim = spec.num_kv_heads, spec.head_dim
+    past, rows = [], []
     for i in range(spec.num_layers):
-        args += [ins[f"past_key.{i}"], ins[f"past_value.{i}"], outs[f"new_key.{i}"], outs[f"new_value.{i}"]]
-    wrong = row_mismatches(spec, args)
+        past += [ins[f"past_key.{i}"], ins[f"past_value.{i}"]]
+        rows += [outs[f"new_key.{i}"], outs[f"new_value.{i}"]]
+    if view is GraphView.POOL:
+        wrong = row_mismatches(spec, past + rows)
+    else:
+        wrong = row_mismatches(spec, rows)
+        wrong += [
+            f"{arg.name} {list(arg.shape)} (expected [*, {heads}, *, {dim}])"
+            for arg in past
+            if len(arg.shape) != 4 or arg.shape[1] != heads or arg.shape[3] != dim
+        ]
     logits = list(outs["logits"].shape)
     if logits[-1] != vocab_size:
         wrong.append(f"logits {logits} (expected [*, {vocab_size}])")
     return wrong
 
 
-class PoolViewRunner(Runner):
-    """The IO binding of a native pool-view decoder step, rebinding only what changed (docs/engine.md).
+class DecodeMirror:
+    """The decode view's past, kept across passes: per layer, keys and values ``[slots, H, Lcap, D]``
+    (float32, HND, zero-filled), slot s holding the s-th sequence of the last decode pass.
 
-    Inputs ``input_ids``, ``position_ids``, ``logits_index [T]`` int64 are copied into fixed buffers,
-    ``past_key.{i}`` / ``past_value.{i}`` are the pool view ``[n_kv, H, D]`` (int8: with their scales
-    ``past_key_scale.{i}`` / ``past_value_scale.{i}``), ``attention_bias`` is the plan's
-    ``bias_before_put [T, n_kv + T]``; outputs ``new_key.{i}`` / ``new_value.{i}`` ``[T, H, D]`` and
-    ``logits [S, vocab]`` float32 are preallocated. Subclasses check their graph and bind their own extra
-    inputs (the cross view of T5 / Whisper) before `_run_step`.
+    Invariant: rows ``[0, valid[s])`` of slot s equal the first cells of that sequence in the pool. A pass
+    (`stage`) keeps the slots whose sequence is unchanged and copies each sequence's missing rows
+    ``[valid, past)`` from the pool view, by cell (a new or moved sequence: its whole past, once); its
+    buffers ``[S, H, Lcap, D]`` keep their memory and shape (no rebinding) until the batch's size or
+    Lcap changes. GroupQueryAttention then writes each sequence's new row ``past`` in place, the same
+    float32 values `put` writes into the pool, so after a successful pass (`commit`) ``valid = past + 1``.
+
+    Valid while the pool's cells keep their data and order: a float32 cache (an int8 pool holds quantized
+    rows) without a window (ring writes reorder a cell table) that only the engine's passes write; the
+    runner checks the first two per pass. Rolled-back tokens shorten ``past``, which caps ``valid``.
+
+    Args:
+        layers, heads, dim: the spec's layers, kv heads and head_dim.
+    """
+
+    def __init__(self, layers: int, heads: int, dim: int) -> None:
+        self.layers, self.heads, self.dim = layers, heads, dim
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.sequences = np.empty(0, np.int64)  # sequence id of each slot (last pass)
+        self.valid = np.empty(0, np.int64)  # rows of each slot equal to the pool
+        self._past = np.empty(0, np.int64)  # the staged pass's past lengths
+        self.copied_rows = 0  # rows copied from the pool since construction (for tests and reports)
+
+    def stage(self, cache: CausalCache, plan: ForwardPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Bring the slots of `plan`'s sequences up to their past; each layer's ``[S, H, Lcap, D]`` keys and
+        values (views of the mirror, C-contiguous). ``plan`` must be a pass of one token per sequence."""
+        seqs = plan.sequences.astype(np.int64)
+        count = len(seqs)
+        past = plan.gathered_lengths.astype(np.int64) - 1  # [S] rows before this pass's token
+        width = int(past.max(initial=0)) + 1
+        if not self.keys or self.keys[0].shape[0] < count or self.keys[0].shape[2] < width:
+            self._grow(count, width)
+        valid = np.zeros(count, np.int64)
+        same = min(count, len(self.sequences))
+        kept = np.flatnonzero(self.sequences[:same] == seqs[:same])
+        valid[kept] = np.minimum(self.valid[kept], past[kept])
+        missing = past - valid
+        total = int(missing.sum())
+        if total:
+            indptr = plan.page_table.kv_indptr.astype(np.int64)
+            slot = np.repeat(np.arange(count), missing)
+            first = np.repeat(np.cumsum(missing) - missing, missing)
+            rank = np.arange(total, dtype=np.int64) - first + np.repeat(valid, missing)
+            cells = plan.page_table.kv_indices[indptr[slot] + rank]
+            for layer in range(self.layers):
+                pool = cast(PoolView, cache.get(layer, "pool"))
+                self.keys[layer][slot, :, rank] = pool.keys[cells]
+                self.values[layer][slot, :, rank] = pool.values[cells]
+            self.copied_rows += total
+        self.sequences, self.valid, self._past = seqs, past, past
+        return [k[:count] for k in self.keys], [v[:count] for v in self.values]
+
+    def commit(self) -> None:
+        """The staged pass ran: its rows (written in place by the graph) are valid too."""
+        self.valid = self._past + 1
+
+    def _grow(self, count: int, width: int) -> None:
+        """Room for `count` slots of `width` rows (Lcap: the next multiple of 256); every slot re-copied."""
+        slots = max(count, self.keys[0].shape[0] if self.keys else 0)
+        rows = -(-width // 256) * 256
+        shape = (slots, self.heads, rows, self.dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(self.layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(self.layers)]
+        self.sequences = np.empty(0, np.int64)
+        self.valid = np.empty(0, np.int64)
+
+
+def gathered_bias_before_put(plan: ForwardPlan, out: np.ndarray | None = None) -> np.ndarray:
+    """``[T, L + T]`` float32 bias of a gathered-view graph, which reads the past before `put`.
+
+    Columns ``[0, L)`` are the rows of each token's own sequence in the gathered view: row j of sequence s
+    is visible (0) when the plan's after-put `gathered_bias` says so and j is below the sequence's past
+    length ``past_s = lengths[s] - new_s`` (the last ``new_s`` rows of a table are this pass's cells, not
+    written yet: a cell table is in position order and this pass's tokens have the highest positions).
+    Columns ``[L, L + T)`` are this pass's tokens: token t sees token u when both feed one sequence and
+    u's row ``past_s + (u - first token of s)`` is visible to t after `put` (causal, window and sinks
+    alike). Example, one sequence of 3 cached tokens and one new token, and a second sequence's first
+    two tokens (T = 3, L = 4 = 3 + 1)::
+
+        token 0 (seq a, pos 3):  0    0    0  -inf | 0    -inf -inf
+        token 1 (seq b, pos 0): -inf -inf -inf -inf | -inf 0    -inf
+        token 2 (seq b, pos 1): -inf -inf -inf -inf | -inf 0    0
+
+    Args:
+        plan: the current `ForwardPlan` (its sequences' tokens are consecutive, in order of appearance).
+        out: optional buffer of at least ``T * (L + T)`` float32 elements to write into (flat or any shape).
+    """
+    after = plan.gathered_bias  # [T, L] after put
+    count, width = after.shape
+    seq = plan.token_seq.astype(np.int64)
+    new = np.bincount(seq, minlength=plan.num_sequences)  # [S] tokens each sequence feeds
+    past = plan.gathered_lengths.astype(np.int64) - new  # [S]
+    first = np.cumsum(new) - new  # [S] its first token in the batch
+    rank = past[seq] + np.arange(count, dtype=np.int64) - first[seq]  # [T] the gathered row of token t
+    size = count * (width + count)
+    bias = np.empty(size, np.float32) if out is None else out.reshape(-1)[:size]
+    bias = bias.reshape(count, width + count)
+    np.copyto(bias[:, :width], after)
+    bias[:, :width][np.arange(width)[None, :] >= past[seq][:, None]] = NEG_INF
+    own = after[:, rank]  # [T, T]: token t over the row of token u (of t's sequence or not)
+    bias[:, width:] = np.where(seq[:, None] == seq[None, :], own, NEG_INF)
+    return bias
+
+
+class NativeStepRunner(Runner):
+    """The IO binding of a native decoder step in any view, rebinding only what changed (docs/engine.md).
+
+    Inputs ``input_ids``, ``position_ids``, ``logits_index`` (gathered: ``token_sequence``) ``[T]`` int64
+    (decode: ``seqlens_k [S]`` int32) are copied into fixed buffers; the past and ``attention_bias`` are
+    bound per `view` (module docstring); outputs ``new_key.{i}`` / ``new_value.{i}`` ``[T, H, D]`` and
+    ``logits [S, vocab]`` float32 are preallocated. Subclasses set `session`, `spec`, `vocab_size`,
+    `kv_dtype`, `view`, check their graph and bind their own extra inputs (the cross view of T5 / Whisper)
+    before `_run_step`.
     """
 
     session: ort.InferenceSession
+    view: GraphView = GraphView.POOL
 
     def _setup_binding(self, max_rows: int) -> None:
         """Make the binder and the buffers (``max_rows``: initial rows of the output buffers)."""
@@ -78,14 +244,22 @@ class PoolViewRunner(Runner):
         shapes["logits"] = ((self.vocab_size,), np.float32)
         self.binder = Binder(self.session)
         self.outputs = OutputBuffers(np, shapes, rows=max(64, max_rows))
-        self._inputs = OutputBuffers(
-            np, {n: ((), np.int64) for n in ("input_ids", "position_ids", "logits_index")}
-        )
+        small: dict[str, tuple[tuple[int, ...], Any]] = {
+            n: ((), np.int64) for n in ("input_ids", "position_ids", "logits_index")
+        }
+        if self.view is GraphView.GATHERED:
+            small["token_sequence"] = ((), np.int64)
+        if self.view is GraphView.DECODE:
+            small["seqlens_k"] = ((), np.int32)
+        self._inputs = OutputBuffers(np, small, rows=max(64, max_rows))
         self._past_names = [
             [f"past_key.{i}", f"past_value.{i}", f"past_key_scale.{i}", f"past_value_scale.{i}"]
             for i in range(layers)
         ]
         self._small: dict[str, np.ndarray] = {}
+        self._bias = np.empty(0, np.float32)  # the gathered view's bias, grown to the next power of two
+        self.mirror = DecodeMirror(layers, self.spec.num_kv_heads, self.spec.head_dim)  # decode view only
+        self._staged: DecodeMirror | None = None  # the mirror staged for the pass being bound
         self._bound_n_kv = -1
         self._bound_tokens = -1
         self._bound_rows = -1
@@ -99,6 +273,8 @@ class PoolViewRunner(Runner):
         start = time.perf_counter()
         self.binder.run()
         seconds = time.perf_counter() - start
+        if self._staged is not None:
+            self._staged.commit()
         for layer in range(self.spec.num_layers):
             cache.put(layer, self.new_keys[layer], self.new_values[layer])
         return self._logits, seconds
@@ -109,29 +285,32 @@ class PoolViewRunner(Runner):
 
     def _bind_step(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> None:
         """Bind what changed since the last pass: the small int64 inputs are copied into fixed buffers
-        (bound once per length), the pools once per n_kv, the outputs once per token / row count."""
+        (bound once per length), the past per view, the outputs once per token / row count."""
         binder, count, rows = self.binder, len(batch.tokens), len(batch.logits_index)
-        for name, values in (
+        small = [
             ("input_ids", batch.tokens),
             ("position_ids", batch.positions),
             ("logits_index", batch.logits_index),
-        ):
+        ]
+        if self.view is GraphView.GATHERED:
+            small.append(("token_sequence", plan.token_seq))
+        if self.view is GraphView.DECODE:
+            if count != plan.num_sequences:
+                raise ShapeMismatch(
+                    f"a decode-view graph runs passes of one token per sequence; this pass has {count} "
+                    f"tokens of {plan.num_sequences} sequences (run it on the pool or gathered view)"
+                )
+            small.append(("seqlens_k", plan.gathered_lengths - 1))
+        for name, values in small:
             buf = self._small.get(name)
             if buf is None or len(buf) != len(values):  # the same view object while the length stays
                 buf = self._small[name] = self._inputs.view(name, len(values))
             buf[:] = values
             binder.bind_input(name, buf)
-        binder.bind_input("attention_bias", plan.bias_before_put)
-        if plan.n_kv != self._bound_n_kv:
-            int8 = self.kv_dtype == "int8"
-            for layer, names in enumerate(self._past_names):
-                view = cast(PoolView, cache.get(layer, "pool"))
-                binder.bind_input(names[0], view.keys)
-                binder.bind_input(names[1], view.values)
-                if int8:
-                    binder.bind_input(names[2], view.key_scales)
-                    binder.bind_input(names[3], view.value_scales)
-            self._bound_n_kv = plan.n_kv
+        if self.view is GraphView.POOL:
+            self._bind_pool(cache, plan)
+        else:
+            self._bind_gathered(cache, plan)
         if count != self._bound_tokens:
             out = self.outputs
             self.new_keys = [out.view(f"new_key.{i}", count) for i in range(self.spec.num_layers)]
@@ -145,36 +324,98 @@ class PoolViewRunner(Runner):
             binder.bind_output("logits", self._logits)
             self._bound_rows = rows
 
+    def _bind_pool(self, cache: CausalCache, plan: ForwardPlan) -> None:
+        """The pool view of every layer (rebound once per n_kv; int8 with its scales) and the plan's
+        ``bias_before_put [T, n_kv + T]``."""
+        self.binder.bind_input("attention_bias", plan.bias_before_put)
+        if plan.n_kv != self._bound_n_kv:
+            int8 = self.kv_dtype == "int8"
+            for layer, names in enumerate(self._past_names):
+                view = cast(PoolView, cache.get(layer, "pool"))
+                self.binder.bind_input(names[0], view.keys)
+                self.binder.bind_input(names[1], view.values)
+                if int8:
+                    self.binder.bind_input(names[2], view.key_scales)
+                    self.binder.bind_input(names[3], view.value_scales)
+            self._bound_n_kv = plan.n_kv
 
-class NativeRunner(PoolViewRunner):
-    """Runs kvarray's native pool-view decoder step (docs/export.md) over the cache's pool, zero-copy.
+    def _bind_gathered(self, cache: CausalCache, plan: ForwardPlan) -> None:
+        """The gathered view of every layer ``[S, H, L, D]`` (the cache's staging buffers, copied by
+        ``gather_rows`` on each `get`) with `gathered_bias_before_put` ``[T, L + T]``; decode view: the
+        same buffers also as ``present_key.{i}`` / ``present_value.{i}`` (written in place), no bias."""
+        binder, decode = self.binder, self.view is GraphView.DECODE
+        if not decode:
+            count, width = plan.num_tokens, int(plan.gathered_lengths.max(initial=0))
+            size = count * (width + count)
+            if self._bias.size < size:
+                self._bias = np.empty(1 << max(size - 1, 1).bit_length(), np.float32)
+            binder.bind_input("attention_bias", gathered_bias_before_put(plan, self._bias))
+        self._staged = None
+        if decode and cache.window is None and cache.kv_dtype == ("float32", "float32"):
+            self._staged = self.mirror
+            keys, values = self.mirror.stage(cache, plan)
+        else:
+            views = [
+                cast(GatheredView, cache.get(layer, "gathered")) for layer in range(self.spec.num_layers)
+            ]
+            keys, values = [v.keys for v in views], [v.values for v in views]
+        for layer, names in enumerate(self._past_names):
+            binder.bind_input(names[0], keys[layer])
+            binder.bind_input(names[1], values[layer])
+            if decode:
+                binder.bind_output(f"present_key.{layer}", keys[layer])
+                binder.bind_output(f"present_value.{layer}", values[layer])
+        self._bound_n_kv = -1  # the pool view is no longer bound
 
-    The pool view ``keys[:n_kv]`` of every layer and the plan's ``bias_before_put [T, n_kv + T]`` are
-    bound as inputs, ``new_key.{i}`` / ``new_value.{i}`` ``[T, H, D]`` and ``logits [S, vocab]`` are
-    written into preallocated buffers, and `put` scatters the new rows.
+
+class NativeRunner(NativeStepRunner):
+    """Runs kvarray's native Llama decoder step (docs/export.md) in the graph's own view.
+
+    Pool view: the pool view ``keys[:n_kv]`` of every layer and the plan's ``bias_before_put
+    [T, n_kv + T]`` are bound zero-copy. Gathered view: the cache's gathered view ``[S, H, L, D]``,
+    ``token_sequence [T]`` and `gathered_bias_before_put` ``[T, L + T]``. Decode view (passes of one token
+    per sequence; others raise `ShapeMismatch`): the gathered view as past and present, ``seqlens_k``.
+    Every view writes ``new_key.{i}`` / ``new_value.{i}`` ``[T, H, D]`` and ``logits [S, vocab]`` into
+    preallocated buffers, and `put` scatters the new rows.
 
     Args:
         session: the graph's session; info: its kvarray metadata; spec: the cache spec (None: the graph's).
         max_rows: initial rows of the output buffers.
+        kv_dtype: the cache's storage (None: the graph's past dtype). A pool-view graph reads its own
+            storage; a gathered- or decode-view float32 graph reads a float32 or int8 cache (the gather
+            dequantizes), a float16 one a float16 cache.
 
-    Raises `UnsupportedModel` (not a Llama pool-view graph), `GraphMismatch` (names, shapes or dtypes
-    against the spec, listed).
+    Raises `UnsupportedModel` (not a Llama decoder step), `GraphMismatch` (names, shapes or dtypes
+    against the spec, listed), `ConfigError` (a storage the graph cannot read).
     """
 
     kind = "native"
 
     def __init__(
-        self, session: ort.InferenceSession, info: GraphInfo, spec: KVSpec | None, max_rows: int
+        self,
+        session: ort.InferenceSession,
+        info: GraphInfo,
+        spec: KVSpec | None,
+        max_rows: int,
+        kv_dtype: str | None = None,
     ) -> None:
-        if info.architecture != "llama" or info.view != "pool":
+        if info.architecture != "llama" or info.view not in [v.value for v in GraphView]:
             raise UnsupportedModel(
-                f"the engine runs decoder-only pool-view graphs; got {info.architecture!r} "
+                f"the engine runs decoder-only Llama graphs; got {info.architecture!r} "
                 f"({info.graph}, view {info.view!r}): not supported yet"
             )
         self.session, self.info = session, info
+        self.view = GraphView(info.view)
         self.spec = spec or info.spec
         self.vocab_size = info.vocab_size
-        self.kv_dtype = info.kv_dtype
+        self.kv_dtype = kv_dtype or info.kv_dtype
+        pool = self.view is GraphView.POOL
+        allowed = (info.kv_dtype,) if pool else GATHERED_STORAGE[info.kv_dtype]
+        if self.kv_dtype not in allowed:
+            raise ConfigError(
+                f"a {info.view}-view {info.kv_dtype} graph reads a cache stored as {' or '.join(allowed)}, "
+                f"not {self.kv_dtype}"
+            )
         self.group_size = info.group_size
         self.tokens = dict(info.tokens)
         self._check_graph()
@@ -185,16 +426,108 @@ class NativeRunner(PoolViewRunner):
         return self._run_step(cache, plan, batch)
 
     def _check_graph(self) -> None:
-        """Names against the native convention for the spec's layers; shapes and dtypes against the spec."""
+        """Names against the native convention of the view for the spec's layers; shapes and dtypes."""
         ins = {i.name: i for i in self.session.get_inputs()}
         outs = {o.name: o for o in self.session.get_outputs()}
-        conv = convention("native-int8" if self.kv_dtype == "int8" else "native")
-        check_names(conv, self.spec.num_layers, list(ins), list(outs))
-        wrong = pool_step_mismatches(self.spec, self.vocab_size, ins, outs)
+        if self.view is GraphView.DECODE:
+            names = DECODE_NAMES
+        elif self.view is GraphView.GATHERED:
+            names = convention("native-gathered")
+        else:
+            names = convention("native-int8" if self.info.kv_dtype == "int8" else "native")
+        check_names(names, self.spec.num_layers, list(ins), list(outs))
+        wrong = step_mismatches(self.spec, self.vocab_size, ins, outs, self.view)
         for i in range(self.spec.num_layers):
             for name in (f"past_key.{i}", f"past_value.{i}"):
                 stored = _ORT_DTYPES.get(ins[name].type, ins[name].type)
-                if stored != self.kv_dtype:
-                    wrong.append(f"{name} {ins[name].type} (expected {self.kv_dtype})")
+                if stored != self.info.kv_dtype:
+                    wrong.append(f"{name} {ins[name].type} (expected {self.info.kv_dtype})")
         if wrong:
             raise GraphMismatch(f"the graph does not match the cache spec {self.spec}: " + "; ".join(wrong))
+
+
+def pick_view(batch: Batch, min_sequences: int, twin: GraphView = GraphView.GATHERED) -> GraphView:
+    """The view of a pass in "auto" mode: the `twin` (gathered or decode view) for a pass where every
+    sequence feeds one token and that holds at least `min_sequences` sequences, pool otherwise.
+
+    The pool view scores each token against all n_kv cells (about S * L when S sequences of L cells share
+    the pool), the gathered and decode views each token against its own L cells after copying them: they
+    win once the batch holds enough sequences (the measured crossovers: docs/engine_benchmarks.md). A
+    prefill chunk of C tokens would make the gathered graph gather C * L rows per layer (and the decode
+    graph takes one token per sequence), so passes with prompt chunks stay on the pool view.
+    """
+    sequences = len(batch.logits_index)
+    one_token_each = len(batch.tokens) == sequences
+    return twin if one_token_each and sequences >= min_sequences else GraphView.POOL
+
+
+#: the default crossover of each twin (`ViewSwitch`): passes of one token per sequence and at least this
+#: many sequences read it (measured: docs/engine_benchmarks.md)
+TWIN_MIN_SEQUENCES = {GraphView.GATHERED: 8, GraphView.DECODE: 1}
+
+
+class ViewSwitch(Runner):
+    """Two `NativeRunner` s of one model over one cache, the pool-view graph and a twin (gathered- or
+    decode-view graph); each pass runs on the view `pick_view` chooses.
+
+    Args:
+        pool, twin: the runners of the model's pool-view graph and of its gathered- or decode-view graph
+            (the same spec, vocabulary and cache storage).
+        min_sequences: passes of one token per sequence and at least this many sequences read the twin
+            (None: `TWIN_MIN_SEQUENCES`, the measured crossover).
+
+    Attributes: passes, a count of the passes run on each view (``{GraphView.POOL: n, twin.view: m}``).
+
+    Raises `GraphMismatch` when the two graphs are not a pool-view graph and a twin of one model.
+    """
+
+    kind = "native"
+
+    def __init__(self, pool: NativeRunner, twin: NativeRunner, min_sequences: int | None = None) -> None:
+        if pool.view is not GraphView.POOL or twin.view is GraphView.POOL:
+            raise GraphMismatch(
+                f"a view switch needs a pool-view graph and a gathered- or decode-view twin; got "
+                f"{pool.view.value!r} and {twin.view.value!r}"
+            )
+        mine = (pool.spec, pool.vocab_size, pool.kv_dtype)
+        theirs = (twin.spec, twin.vocab_size, twin.kv_dtype)
+        if mine != theirs:
+            raise GraphMismatch(
+                f"the pool-view graph (spec, vocabulary, storage {mine}) and the {twin.view.value}-view "
+                f"graph ({theirs}) are not of one model"
+            )
+        self.runners = {GraphView.POOL: pool, twin.view: twin}
+        self.twin = twin.view
+        self.min_sequences = TWIN_MIN_SEQUENCES[twin.view] if min_sequences is None else int(min_sequences)
+        self.spec, self.vocab_size, self.kv_dtype = pool.spec, pool.vocab_size, pool.kv_dtype
+        self.group_size, self.tokens, self.info = pool.group_size, pool.tokens, pool.info
+        self.passes = {GraphView.POOL: 0, twin.view: 0}
+        self._last = pool
+
+    @property
+    def binder(self) -> Binder:  # type: ignore[override]
+        """The binding of the runner that ran the last pass."""
+        return self._last.binder
+
+    @property
+    def new_keys(self) -> list[np.ndarray]:  # type: ignore[override]
+        """The last pass's new keys ``[T, H, D]`` per layer."""
+        return self._last.new_keys
+
+    @property
+    def view(self) -> GraphView:
+        """The view of the last pass."""
+        return self._last.view
+
+    def forward(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]:
+        """Run the pass on the view `pick_view` chooses; see `Runner`."""
+        view = pick_view(batch, self.min_sequences, self.twin)
+        self._last = self.runners[view]
+        result = self._last.forward(cache, plan, batch)
+        self.passes[view] += 1
+        return result
+
+    def close(self) -> None:
+        """Forget both runners' bindings."""
+        for runner in self.runners.values():
+            runner.close()

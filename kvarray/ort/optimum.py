@@ -38,34 +38,38 @@ from .names import check_names, convention
 from .runner import Runner
 from .scheduler import Batch
 
-__all__ = ["OptimumRunner"]
+__all__ = ["OptimumRunner", "graph_spec", "read_tokens"]
 
 _FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-def _graph_spec(session: ort.InferenceSession, num_layers: int) -> KVSpec:
+def graph_spec(session: ort.InferenceSession, num_layers: int, past: str = "past_key_values.0.key") -> KVSpec:
     """The cache spec an Optimum graph implies: layers from its names, heads and head_dim from the static
-    dims of ``past_key_values.0.key [batch, H, past, D]``, dtype from its element type."""
-    past = {i.name: i for i in session.get_inputs()}["past_key_values.0.key"]
-    shape = list(past.shape)
+    dims of its first past input `past` ``[batch, H, past, D]``, dtype from its element type."""
+    arg = {i.name: i for i in session.get_inputs()}[past]
+    shape = list(arg.shape)
     if len(shape) != 4 or not all(isinstance(n, int) for n in (shape[1], shape[3])):
         raise GraphMismatch(
-            f"past_key_values.0.key {shape}: expected [batch, kv_heads, past, head_dim] with static "
+            f"{past} {shape}: expected [batch, kv_heads, past, head_dim] with static "
             "kv_heads and head_dim (or pass spec=)"
         )
-    if past.type not in _FLOATS:
-        raise GraphMismatch(f"past_key_values.0.key {past.type}: expected float or float16")
-    return KVSpec(num_layers, int(shape[1]), int(shape[3]), _FLOATS[past.type])
+    if arg.type not in _FLOATS:
+        raise GraphMismatch(f"{past} {arg.type}: expected float or float16")
+    return KVSpec(num_layers, int(shape[1]), int(shape[3]), _FLOATS[arg.type])
+
+
+TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 def read_tokens(folder: Path) -> dict[str, Any]:
-    """``bos/eos/pad_token_id`` of an export folder's generation_config.json, else its config.json."""
+    """``bos/eos/pad/decoder_start_token_id`` of an export folder's generation_config.json, else its
+    config.json."""
     tokens: dict[str, Any] = {}
     for name in ("config.json", "generation_config.json"):  # the second wins
         path = folder / name
         if path.is_file():
             data = json.loads(path.read_text())
-            tokens.update({k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in data})
+            tokens.update({k: data[k] for k in TOKEN_KEYS if k in data})
     return tokens
 
 
@@ -94,7 +98,7 @@ class OptimumRunner(Runner):
         tokens: dict[str, Any] | None = None,
     ) -> None:
         self.session = session
-        self.spec = spec or _graph_spec(session, num_layers)
+        self.spec = spec or graph_spec(session, num_layers)
         self.kv_dtype = kv_dtype
         self.group_size = 32
         self.tokens = tokens or {}

@@ -7,8 +7,12 @@ tokens each contributes to the next forward pass, and which of them want logits.
 Admission is first come, first served, and never over-commits the cache: a request is admitted when the
 cells it may still need (``need - cells held``, summed over the running requests plus the newcomer) fit
 in the free cells, so a running request never meets `CacheFull`. ``need`` is
-``min(prompt + max_new_tokens - 1, context)`` cells, or at most ``sinks + window`` with a window (ring
-writes allocate nothing once a sequence is full).
+``min(prompt + max_new_tokens - 1, context)`` cells, or with a window at most
+``sinks + window - 1 + prefill_chunk`` (a pass of n tokens keeps the ``sinks + window - 1`` cells its first
+token sees plus its n; a decode pass writes in place once a sequence holds ``sinks + window``).
+
+A request that fails (its pass or its sampler raised: see `EngineCore.step`) finishes with
+`FinishReason.ERROR` and keeps the exception in `Request.error`; its event carries no token.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token was generated (and emitted)
     LENGTH = "length"  # max_new_tokens, or the model's context
     CANCELLED = "cancelled"
+    ERROR = "error"  # its forward pass or its sampler failed; `Request.error` holds the exception
 
 
 @dataclass(eq=False)
@@ -53,6 +58,7 @@ class Request:
         computed: tokens of ``prompt + output`` already in the cache (the next token's position).
         shared: prompt tokens whose cells were shared from another request (not recomputed).
         need: cells the request may hold at most (see the module docstring).
+        error: the exception that failed the request (`FinishReason.ERROR`), else None.
     """
 
     id: int
@@ -67,6 +73,7 @@ class Request:
     computed: int = 0
     shared: int = 0
     finish_reason: FinishReason | None = None
+    error: BaseException | None = None
 
     @property
     def prefilled(self) -> bool:
@@ -75,7 +82,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        """True once the request finished (stopped, reached its length, or was cancelled)."""
+        """True once the request finished (stopped, reached its length, was cancelled or failed)."""
         return self.state is RequestState.FINISHED
 
     def fed_tokens(self) -> np.ndarray:
@@ -88,10 +95,14 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    """A token produced by a request; `finished` is set on its last one (`reason` says why)."""
+    """A token produced by a request; `finished` is set on its last one (`reason` says why).
+
+    A request that fails gets one last event with ``token`` None, ``reason`` `FinishReason.ERROR` (the
+    exception is ``request.error``).
+    """
 
     request: Request
-    token: int
+    token: int | None
     finished: bool
     reason: FinishReason | None = None
 
@@ -131,7 +142,7 @@ class Scheduler:
     ) -> None:
         self.capacity = capacity
         self.max_sequences = max_sequences
-        self.prefill_chunk = max(1, int(prefill_chunk))
+        self.prefill_chunk = max(1, int(prefill_chunk))  # the engine refuses values < 1 (ConfigError)
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.prefix_sharing = prefix_sharing
         self.waiting: deque[Request] = deque()
@@ -188,19 +199,24 @@ class Scheduler:
                 best, best_len = other, length
         return best, best_len
 
-    def next_batch(self) -> Batch | None:
-        """The next pass: one token of every decoding request, then prompt chunks while the budget lasts."""
+    def next_batch(self, only: list[Request] | None = None) -> Batch | None:
+        """The next pass: one token of every decoding request, then prompt chunks while the budget lasts.
+
+        Args:
+            only: make the pass of these running requests alone (the engine's retries after a failed
+                pass, `EngineCore.step`); None: every running request.
+        """
         budget = self.max_batch_tokens
-        running = self.running
+        running = self.running if only is None else [r for r in only if r.state is RequestState.RUNNING]
         if running and len(running) <= budget and all(r.computed >= len(r.prompt) for r in running):
             return self._decode_batch(running)  # the common step: one token per request
         parts: list[tuple[Request, np.ndarray]] = []
-        for req in self.running:
+        for req in running:
             if req.prefilled and budget > 0:
                 parts.append((req, np.asarray(req.output[-1:], np.int64)))
                 budget -= 1
         decode_tokens = len(parts)
-        for req in self.running:
+        for req in running:
             if not req.prefilled and budget > 0:
                 n = min(self.prefill_chunk, len(req.prompt) - req.computed, budget)
                 parts.append((req, req.prompt[req.computed : req.computed + n]))
@@ -238,17 +254,25 @@ class Scheduler:
         rows = np.arange(count, dtype=np.int64)
         return Batch(tokens, seq_ids, positions, rows, list(running), [(r, 1) for r in running], 0, count)
 
-    def commit(self, batch: Batch, tokens: list[int], context: int | None) -> list[TokenEvent]:
+    def commit(
+        self, batch: Batch, tokens: list[int] | list[int | None], context: int | None
+    ) -> list[TokenEvent]:
         """Advance the requests of `batch` by its tokens and the sampled `tokens` ``[S]``; return the
         events, finished requests last marked (the engine frees their cells).
+
+        Requests of the batch that finished while it ran (cancelled, or failed: their token is None) are
+        skipped: they get no event here and their cells are the engine's to free.
 
         Args:
             context: positions the model takes (None: unbounded, e.g. with a window).
         """
         for req, n in batch.fed:
-            req.computed += n
+            if not req.finished:
+                req.computed += n
         events = []
         for req, token in zip(batch.sampled, tokens, strict=True):
+            if req.finished or token is None:
+                continue
             req.output.append(token)
             reason = None
             if token in req.stop:

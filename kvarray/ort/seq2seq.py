@@ -38,9 +38,11 @@ from ..encoder import EncoderCache
 from ..errors import ConfigError, EmptyPrompt, GraphMismatch, PromptTooLong, ShapeMismatch, UnsupportedModel
 from ..export import GraphInfo, read_metadata
 from ..views import NEG_INF, CrossView
-from .engine import EngineCore, EngineMetrics, check_tokens, open_session
-from .names import check_names, convention
-from .native import PoolViewRunner, pool_step_mismatches, row_mismatches
+from .audio import log_mel, split_windows
+from .engine import EngineCore, EngineMetrics, GraphKind, check_tokens, open_session
+from .names import check_names, convention, match_convention
+from .native import NativeStepRunner, row_mismatches, step_mismatches
+from .runner import Runner
 from .sampling import SamplingParams
 from .scheduler import Batch, Request, TokenEvent
 
@@ -109,56 +111,32 @@ def check_pair(encoder_info: GraphInfo, info: GraphInfo) -> str:
     return arch
 
 
-class Seq2SeqRunner(PoolViewRunner):
-    """The engine's runner for a native T5 / Whisper pair: the encoder pass of newly admitted requests, and
-    the decoder step over an `EncoderDecoderCache` (the pool-view binding of `PoolViewRunner` plus the
-    cross view, its bias and T5's cell positions).
+class EncoderSide(Runner):
+    """The encoder half every seq2seq runner shares (native graphs here, Optimum exports in
+    `kvarray.ort.optimum_seq2seq`): a request's encoder input, admission by encoder-cache room, the
+    encoder pass of admitted requests, and freeing their encoder entries.
 
     Lifecycle (`Runner` hooks): a request's encoder input is kept from `keep_source` until it is encoded;
     `admit_limit` admits waiting requests while their cross rows fit side by side in the encoder cache's
     largest free extent; `on_admit` encodes the admitted requests in chunks of `max_encoder_batch` into
-    the encoder cache (`put_cross_batch`); `on_finish` frees a request's encoder entry (the engine has
-    freed its decoder cells) and drops a source never encoded.
-
-    Args:
-        encoder_session, session: the sessions of ``encoder.onnx`` and ``decoder_step.pool.float32.onnx``.
-        encoder_info, info: their kvarray metadata.
-        config: `Seq2SeqConfig` (max_sequences, encoder_capacity, max_encoder_batch, cross_dtype).
-        metrics: the engine's `Seq2SeqMetrics` (the runner counts the encoder side and the cross view).
-
-    Raises `UnsupportedModel` (not a T5 / Whisper pool-view float32 pair), `GraphMismatch` (names or
-    shapes of the decoder graph against its spec, or an encoder that does not emit every layer's cross K/V).
+    the encoder cache (`_encode`, which a runner defines, hands every layer's cross K/V to `_store_cross`);
+    `on_finish` frees a request's encoder entry (the engine has freed its decoder cells) and drops a
+    source never encoded. A runner calls `_setup_encoder_side` in its constructor.
     """
 
-    kind = "native-seq2seq"
+    architecture: str
+    encoder_session: ort.InferenceSession
 
-    def __init__(
-        self,
-        encoder_session: ort.InferenceSession,
-        session: ort.InferenceSession,
-        encoder_info: GraphInfo,
-        info: GraphInfo,
-        config: Seq2SeqConfig,
-        metrics: Seq2SeqMetrics,
-    ) -> None:
-        arch = check_pair(encoder_info, info)
-        self.encoder_session, self.session = encoder_session, session
-        self.encoder_info, self.info = encoder_info, info
-        self.architecture = arch
-        self.modality, self._rows_per_sequence = ARCHITECTURES[arch]
-        self.spec = info.spec
-        self.vocab_size = info.vocab_size
-        self.kv_dtype = info.kv_dtype
-        self.group_size = info.group_size
-        self.tokens = dict(info.tokens)
+    def _setup_encoder_side(self, architecture: str, config: Seq2SeqConfig, metrics: Seq2SeqMetrics) -> None:
+        """Set the architecture's modality and rows per sequence, the encoder cache's rows and the queues."""
+        self.architecture = architecture
+        self.modality, self._rows_per_sequence = ARCHITECTURES[architecture]
         self.metrics = metrics
         self.encoder_rows = config.encoder_capacity or config.max_sequences * (self._rows_per_sequence or 512)
         self._max_encoder_batch = max(1, config.max_encoder_batch)
         self._cross_dtype = config.cross_dtype
         self._sources: dict[int, np.ndarray] = {}  # encoder input of requests not encoded yet
         self._encoded: set[int] = set()
-        self._check_graphs()
-        self._setup_binding(config.max_sequences)
 
     @property
     def n_mels(self) -> int | None:
@@ -181,10 +159,9 @@ class Seq2SeqRunner(PoolViewRunner):
                     f"kvarray.ort.audio.log_mel); got {list(feats.shape)}"
                 )
             return feats
-        ids = np.asarray(source, np.int64).reshape(-1)
+        ids = check_tokens(source, self.vocab_size, "source token")
         if ids.size == 0:
             raise EmptyPrompt("a T5 request needs at least one source token")
-        check_tokens(ids, self.vocab_size, "source token")
         if ids.size > self.encoder_rows:
             raise PromptTooLong(int(ids.size), self.encoder_rows, "encoder cache")
         return ids
@@ -219,6 +196,81 @@ class Seq2SeqRunner(PoolViewRunner):
             self._encoded.discard(request.id)
             cache.encoder.remove(request.id)
 
+    # ---- the encoder pass --------------------------------------------------------------------------
+    def _encode(self, cache: EncoderDecoderCache, reqs: list[Request]) -> None:
+        """One encoder pass over `reqs` (their sources are ``self._sources[r.id]``), ending in
+        `_store_cross`."""
+        raise NotImplementedError
+
+    def _store_cross(
+        self, cache: EncoderDecoderCache, reqs: list[Request], cross: list[tuple[Any, Any]], seconds: float
+    ) -> None:
+        """Put an encoder pass's cross K/V into the encoder cache and count it.
+
+        Args:
+            reqs: the encoded requests, in order.
+            cross: per layer ``(keys, values)`` ``[sum M, H, D]``, the requests' rows one after the other
+                (``M`` rows each: `_source_rows`).
+            seconds: time spent running the encoder (and, for Optimum, the decoder's first branch).
+        """
+        lengths = [self._source_rows(self._sources[r.id]) for r in reqs]
+        total = int(cross[0][0].shape[0]) if cross else 0
+        if sum(lengths) != total:
+            raise GraphMismatch(f"the encoder emitted {total} cross rows for sequences of {lengths} rows")
+        seq_ids = [r.id for r in reqs]
+        for layer, (keys, values) in enumerate(cross):
+            cache.put_cross_batch(seq_ids, layer, keys, values, lengths, self.modality)
+        for req in reqs:
+            self._encoded.add(req.id)
+            del self._sources[req.id]
+        m = self.metrics
+        m.encoder_seconds += seconds
+        m.encoder_passes += 1
+        m.encoded_sequences += len(reqs)
+        m.encoder_rows += total
+
+    def _source_rows(self, source: np.ndarray) -> int:
+        return self._rows_per_sequence or len(source)
+
+
+class Seq2SeqRunner(EncoderSide, NativeStepRunner):
+    """The engine's runner for a native T5 / Whisper pair: the encoder pass of newly admitted requests
+    (`EncoderSide`), and the decoder step over an `EncoderDecoderCache` (the pool-view binding of
+    `NativeStepRunner` plus the cross view, its bias and T5's cell positions).
+
+    Args:
+        encoder_session, session: the sessions of ``encoder.onnx`` and ``decoder_step.pool.float32.onnx``.
+        encoder_info, info: their kvarray metadata.
+        config: `Seq2SeqConfig` (max_sequences, encoder_capacity, max_encoder_batch, cross_dtype).
+        metrics: the engine's `Seq2SeqMetrics` (the runner counts the encoder side and the cross view).
+
+    Raises `UnsupportedModel` (not a T5 / Whisper pool-view float32 pair), `GraphMismatch` (names or
+    shapes of the decoder graph against its spec, or an encoder that does not emit every layer's cross K/V).
+    """
+
+    kind = "native-seq2seq"
+
+    def __init__(
+        self,
+        encoder_session: ort.InferenceSession,
+        session: ort.InferenceSession,
+        encoder_info: GraphInfo,
+        info: GraphInfo,
+        config: Seq2SeqConfig,
+        metrics: Seq2SeqMetrics,
+    ) -> None:
+        arch = check_pair(encoder_info, info)
+        self.encoder_session, self.session = encoder_session, session
+        self.encoder_info, self.info = encoder_info, info
+        self.spec = info.spec
+        self.vocab_size = info.vocab_size
+        self.kv_dtype = info.kv_dtype
+        self.group_size = info.group_size
+        self.tokens = dict(info.tokens)
+        self._setup_encoder_side(arch, config, metrics)
+        self._check_graphs()
+        self._setup_binding(config.max_sequences)
+
     # ---- passes ------------------------------------------------------------------------------------
     def forward(self, cache: EncoderDecoderCache, plan: EncDecPlan, batch: Batch) -> tuple[np.ndarray, float]:
         """Bind the cross side, then the pool-view step (bind, run, `put`); see `Runner`."""
@@ -241,22 +293,10 @@ class Seq2SeqRunner(PoolViewRunner):
         names = self._cross_names
         run_start = time.perf_counter()
         outputs = dict(zip(names, self.encoder_session.run(names, feeds), strict=True))
-        self.metrics.encoder_seconds += time.perf_counter() - run_start
-        total = outputs[names[0]].shape[0]
-        lengths = [self._source_rows(s) for s in sources]
-        if sum(lengths) != total:
-            raise GraphMismatch(f"the encoder emitted {total} cross rows for sequences of {lengths} rows")
-        seq_ids = [r.id for r in reqs]
-        for layer in range(self.spec.num_layers):
-            keys, values = outputs[f"cross_key.{layer}"], outputs[f"cross_value.{layer}"]
-            cache.put_cross_batch(seq_ids, layer, keys, values, lengths, self.modality)
-        for req in reqs:
-            self._encoded.add(req.id)
-            del self._sources[req.id]
-        m = self.metrics
-        m.encoder_passes += 1
-        m.encoded_sequences += len(reqs)
-        m.encoder_rows += total
+        seconds = time.perf_counter() - run_start
+        layers = range(self.spec.num_layers)
+        cross = [(outputs[f"cross_key.{i}"], outputs[f"cross_value.{i}"]) for i in layers]
+        self._store_cross(cache, reqs, cross, seconds)
 
     def _bind_cross(self, cache: EncoderDecoderCache, plan: EncDecPlan) -> None:
         """Bind T5's cell positions and every layer's cross view (zero-copy when the batch's entries are
@@ -281,9 +321,6 @@ class Seq2SeqRunner(PoolViewRunner):
             self.metrics.cross_staged_steps += 1
 
     # ---- checks ------------------------------------------------------------------------------------
-    def _source_rows(self, source: np.ndarray) -> int:
-        return self._rows_per_sequence or len(source)
-
     def _check_graphs(self) -> None:
         """Decoder names (native-seq2seq) and shapes against the spec; encoder outputs = the cross names."""
         layers = self.spec.num_layers
@@ -293,7 +330,7 @@ class Seq2SeqRunner(PoolViewRunner):
         self._cross_names = [f"cross_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
         enc_outs = {o.name: o for o in self.encoder_session.get_outputs()}
         wrong = [f"encoder output {n} missing" for n in self._cross_names if n not in enc_outs]
-        wrong += pool_step_mismatches(self.spec, self.vocab_size, ins, outs)
+        wrong += step_mismatches(self.spec, self.vocab_size, ins, outs)
         cross = [ins[n] for n in self._cross_names]
         wrong += row_mismatches(self.spec, cross + [enc_outs[n] for n in self._cross_names if n in enc_outs])
         if wrong:
@@ -301,25 +338,55 @@ class Seq2SeqRunner(PoolViewRunner):
         self._t5_positions = "past_position_ids" in ins
 
 
+def _make_seq2seq_runner(
+    encoder_session: ort.InferenceSession,
+    session: ort.InferenceSession,
+    encoder: Path,
+    decoder: Path,
+    config: Seq2SeqConfig,
+    metrics: Seq2SeqMetrics,
+) -> EncoderSide:
+    """The runner of the decoder's names: native-seq2seq (kvarray metadata of both graphs) or an Optimum
+    merged decoder (its folder's config). Raises `UnsupportedModel` for any other names."""
+    match = match_convention([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    name = match.convention.name
+    if name == "native-seq2seq":
+        return Seq2SeqRunner(
+            encoder_session, session, read_metadata(encoder), read_metadata(decoder), config, metrics
+        )
+    if name in ("optimum-seq2seq", "optimum-whisper"):
+        from .optimum_seq2seq import OptimumSeq2SeqRunner  # it builds on this module's EncoderSide
+
+        return OptimumSeq2SeqRunner(encoder_session, session, decoder.parent, config, metrics)
+    raise UnsupportedModel(
+        f"the seq2seq engine runs T5 / Whisper decoders (native-seq2seq or Optimum names); {decoder.name} "
+        f"has the {name!r} names"
+    )
+
+
 class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
-    """Generation over a native encoder graph and decoder-step graph (pool view) of T5 or Whisper: the
-    `EngineCore` lifecycle with a `Seq2SeqRunner` and an `EncoderDecoderCache`; a request is
-    ``(source, prompt)``.
+    """Generation over an encoder graph and a decoder graph of T5 or Whisper: the `EngineCore` lifecycle
+    with an `EncoderSide` runner and an `EncoderDecoderCache`; a request is ``(source, prompt)``.
+
+    The runner is chosen from the decoder's names: kvarray's native pair (``encoder.onnx``,
+    ``decoder_step.pool.float32.onnx``: `Seq2SeqRunner`) or an Optimum export (``encoder_model.onnx``,
+    ``decoder_model_merged.onnx``: `kvarray.ort.optimum_seq2seq.OptimumSeq2SeqRunner`).
 
     Args:
-        encoder: path of ``encoder.onnx``; decoder: path of ``decoder_step.pool.float32.onnx``.
+        encoder, decoder: paths of the two graphs.
         config: `Seq2SeqConfig`.
         context: decoder positions the model takes (Whisper's ``max_target_positions``); None: unbounded.
-        eos_token_id: default stop token (None: the graph metadata's eos, if any).
-        decoder_start_token_id: the default decoder prompt (None: the metadata's).
+        eos_token_id: default stop token (None: the graph metadata's or export folder's eos, if any).
+        decoder_start_token_id: the default decoder prompt (None: the metadata's or export folder's).
         tokenizer: optional, kept for callers (`cli_transcribe` prints text with it).
         providers: ONNX Runtime execution providers (default CPU).
 
-    Raises `UnsupportedModel` (not a T5 / Whisper pool-view float32 pair), `GraphMismatch` (names or
-    shapes of the decoder graph against its spec, or an encoder that does not emit every layer's cross K/V).
+    Raises `UnsupportedModel` (not a T5 / Whisper pair: native pool-view float32, or Optimum merged),
+    `GraphMismatch` (names or shapes of the graphs against their spec, or an encoder that does not emit
+    every layer's cross K/V), `ConfigError` (no decoder start token anywhere).
     """
 
-    runner: Seq2SeqRunner
+    runner: EncoderSide
     metrics: Seq2SeqMetrics
 
     def __init__(
@@ -335,18 +402,21 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
         providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         self.config = config = config or Seq2SeqConfig()
-        encoder_info, info = read_metadata(encoder), read_metadata(decoder)
-        check_pair(encoder_info, info)
-        start = info.tokens.get("decoder_start_token_id")
-        if decoder_start_token_id is not None:
-            start = decoder_start_token_id
-        if start is None:
-            raise ConfigError("no decoder_start_token_id in the graph metadata: pass decoder_start_token_id=")
-        self.decoder_start_token_id = int(start)
         self.encoder_session = open_session(encoder, config.threads, providers)
         self.session = open_session(decoder, config.threads, providers)
         metrics = Seq2SeqMetrics()
-        runner = Seq2SeqRunner(self.encoder_session, self.session, encoder_info, info, config, metrics)
+        runner = _make_seq2seq_runner(
+            self.encoder_session, self.session, Path(encoder), Path(decoder), config, metrics
+        )
+        start = runner.tokens.get("decoder_start_token_id")
+        if decoder_start_token_id is not None:
+            start = decoder_start_token_id
+        if start is None:
+            raise ConfigError(
+                "no decoder_start_token_id in the graph metadata or export folder: pass "
+                "decoder_start_token_id="
+            )
+        self.decoder_start_token_id = int(start)
         spec, sequences, defrag = runner.spec, config.max_sequences, config.defrag_threshold
         causal = CausalCache(spec, config.capacity, sequences, defrag_threshold=defrag, xp=np)
         storage = {runner.modality: config.cross_dtype}
@@ -361,29 +431,52 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
             tokenizer=tokenizer,
             metrics=metrics,
         )
-        self.encoder_info = encoder_info
+        self.encoder_info: GraphInfo | None = getattr(runner, "encoder_info", None)
         self.architecture = runner.architecture
         self.modality = runner.modality
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, config: Seq2SeqConfig | None = None, **kwargs: Any
+        cls,
+        model_dir: str | Path,
+        config: Seq2SeqConfig | None = None,
+        graph: GraphKind | str = GraphKind.AUTO,
+        **kwargs: Any,
     ) -> Seq2SeqEngine:
-        """An engine over ``MODEL_DIR/native/encoder.onnx`` and ``decoder_step.pool.float32.onnx``, with the
-        context (Whisper's ``max_target_positions``) of ``MODEL_DIR/checkpoint/config.json``."""
+        """An engine over a model folder's graphs, with the context (Whisper's ``max_target_positions``) of
+        ``MODEL_DIR/checkpoint/config.json`` (else ``optimum/config.json``).
+
+        `graph` (`GraphKind`): "native" loads ``native/encoder.onnx`` and ``decoder_step.pool.float32.onnx``,
+        "optimum" ``optimum/encoder_model.onnx`` and ``decoder_model_merged.onnx``, "auto" the native pair
+        when the folder has it, else the Optimum one. Raises `UnsupportedModel` (no such graphs; the
+        message says how to export them).
+        """
         folder = Path(model_dir)
-        native = folder / "native"
-        encoder, decoder = native / "encoder.onnx", native / "decoder_step.pool.float32.onnx"
-        for graph in (encoder, decoder):
-            if not graph.is_file():
-                raise UnsupportedModel(
-                    f"{graph} not found: export it with `kvarray export --arch t5|whisper "
-                    f"{folder / 'checkpoint'} {native}`"
+        kind = GraphKind(graph)
+        native = [folder / "native" / "encoder.onnx", folder / "native" / "decoder_step.pool.float32.onnx"]
+        optimum = [
+            folder / "optimum" / "encoder_model.onnx",
+            folder / "optimum" / "decoder_model_merged.onnx",
+        ]
+        have_native = all(p.is_file() for p in native)
+        use_optimum = kind is GraphKind.OPTIMUM or (
+            kind is GraphKind.AUTO and not have_native and all(p.is_file() for p in optimum)
+        )
+        pair = optimum if use_optimum else native
+        for path in pair:
+            if not path.is_file():
+                how = (
+                    f"`optimum-cli export onnx --model {folder / 'checkpoint'} {path.parent}` (with past)"
+                    if use_optimum
+                    else f"`kvarray export --arch t5|whisper {folder / 'checkpoint'} {path.parent}`"
                 )
-        config_json = folder / "checkpoint" / "config.json"
-        if "context" not in kwargs and config_json.is_file():
-            kwargs["context"] = json.loads(config_json.read_text()).get("max_target_positions")
-        return cls(encoder, decoder, config, **kwargs)
+                raise UnsupportedModel(f"{path} not found: export it with {how}")
+        if "context" not in kwargs:
+            for config_json in (folder / "checkpoint" / "config.json", folder / "optimum" / "config.json"):
+                if config_json.is_file():
+                    kwargs["context"] = json.loads(config_json.read_text()).get("max_target_positions")
+                    break
+        return cls(pair[0], pair[1], config, **kwargs)
 
     @property
     def n_mels(self) -> int | None:
@@ -427,6 +520,30 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
         prompt_list = [None] * len(sources) if prompts is None else list(prompts)
         ids = [self.add_request(s, p, params) for s, p in zip(sources, prompt_list, strict=True)]
         return self._run_all(ids)
+
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        prompt: Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+    ) -> list[list[int]]:
+        """Whisper over 16 kHz mono audio of any length: the 30 s windows of `split_windows`, one request
+        each (their `log_mel` features, the same decoder `prompt`), all queued at once (continuous
+        batching); the new tokens of each window, in window order. `join_windows` makes them one transcript
+        (docs/engine.md, "Audio longer than 30 s").
+
+        Args:
+            samples: ``[n]`` float32 samples in [-1, 1] at 16 kHz (`kvarray.ort.audio.read_wav`).
+            prompt: ``[P]`` decoder prompt ids of every window (default ``[decoder_start_token_id]``).
+            params: `SamplingParams` of every window.
+
+        Raises `UnsupportedModel` (a T5 engine), and what `add_request` raises.
+        """
+        if self.architecture != "whisper":
+            raise UnsupportedModel(f"transcribe needs a Whisper model; this engine runs {self.architecture}")
+        features = [log_mel(window, self.n_mels or 80) for window in split_windows(samples)]
+        prompts = None if prompt is None else [list(prompt)] * len(features)
+        return self.generate(features, prompts, params)
 
     def stats(self) -> EncDecStats:
         """Both caches' `EncDecStats` (self attention and cross)."""

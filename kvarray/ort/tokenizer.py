@@ -4,6 +4,9 @@
 models/byte_tokenizer.py writes: one token per byte, the byte-level alphabet's characters as the vocabulary,
 then special tokens) is read by `ByteTokenizer` with no dependency. Any other tokenizer.json is loaded with
 the `tokenizers` package when it is installed; otherwise `TokenizerError` says so.
+
+`encode` takes a str or UTF-8 bytes; text that is not valid UTF-8 (bytes that do not decode, a str with
+lone surrogates such as ``sys.argv`` holds for such bytes) raises `InvalidUTF8` with the first bad offset.
 """
 
 from __future__ import annotations
@@ -13,15 +16,51 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import TokenizerError
+from ..errors import InvalidUTF8, TokenizerError
 
-__all__ = ["ByteTokenizer", "StreamDecoder", "Tokenizer", "byte_level_alphabet", "load_tokenizer"]
+__all__ = [
+    "ByteTokenizer",
+    "StreamDecoder",
+    "Tokenizer",
+    "byte_level_alphabet",
+    "load_tokenizer",
+    "utf8_bytes",
+]
+
+
+def utf8_bytes(text: str | bytes, what: str = "prompt") -> bytes:
+    """The UTF-8 bytes of `text` (a str, or bytes that must already be valid UTF-8).
+
+    Raises `InvalidUTF8` naming `what` and the first bad offset: bytes that do not decode, or a str
+    holding lone surrogates (``sys.argv`` and ``os.fsdecode`` turn undecodable bytes into those);
+    `TokenizerError` for anything that is neither str nor bytes.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidUTF8(
+                f"{what} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}", exc.start
+            ) from None
+        return raw
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be text (str or UTF-8 bytes), got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        raise InvalidUTF8(
+            f"{what} is not valid UTF-8: lone surrogate U+{char:04X} at character {exc.start} "
+            f"(undecodable byte 0x{char & 0xFF:02x} when it came from the command line or a file name)",
+            exc.start,
+        ) from None
 
 
 class Tokenizer(Protocol):
     """What the engine needs of a tokenizer."""
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str | bytes) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -87,10 +126,10 @@ class ByteTokenizer:
         special = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
         return cls(byte_ids, special)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`'s UTF-8 bytes (no special tokens added)."""
+    def encode(self, text: str | bytes) -> list[int]:
+        """Token ids of `text`'s UTF-8 bytes (no special tokens added); `InvalidUTF8` (`utf8_bytes`)."""
         ids = self.byte_ids
-        return [ids[b] for b in text.encode("utf-8")]
+        return [ids[b] for b in utf8_bytes(text)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`: special and unknown ids dropped, invalid UTF-8 replaced (U+FFFD)."""
@@ -121,8 +160,9 @@ class _HFTokenizer:
     def __init__(self, tok: Any) -> None:
         self.tok = tok
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str | bytes) -> list[int]:
+        checked = utf8_bytes(text).decode("utf-8")
+        return list(self.tok.encode(checked, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tok.decode(list(ids), skip_special_tokens=True))
@@ -155,13 +195,19 @@ class _HFStream:
 def load_tokenizer(folder: str | Path) -> ByteTokenizer | _HFTokenizer:
     """The tokenizer of ``folder/tokenizer.json`` (see the module docstring).
 
-    Raises `TokenizerError`: no tokenizer.json, one that is not byte-level while `tokenizers` is not
-    installed, or one that `tokenizers` cannot read.
+    Raises `TokenizerError`: no tokenizer.json, one that is not a JSON object (truncated, corrupted, not
+    UTF-8), one that is not byte-level while `tokenizers` is not installed, or one that `tokenizers`
+    cannot read.
     """
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"no tokenizer.json in {folder}")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{path} is not a JSON tokenizer file (truncated, corrupted?): {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} holds a JSON {type(data).__name__}, expected an object")
     byte_level = ByteTokenizer.from_json(data)
     if byte_level is not None:
         return byte_level

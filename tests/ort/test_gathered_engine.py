@@ -1,0 +1,371 @@
+"""The engine on the gathered view (native gathered-view graphs), the decode view (GroupQueryAttention
+over the gathered view, passes of one token per sequence) and the per-pass choice ("auto"), against
+transformers' greedy outputs (models/tiny-llama-random/reference.npz), exactly like the pool-view tests of
+test_engine.py; the before-put bias of the gathered graph, drawn as grids.
+
+The gathered- and decode-view graphs of the random tiny Llama are exported here (kvarray's exporter, a
+second each) into a model folder beside links to the committed checkpoint and pool-view graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ort_models import NEW_TOKENS, TINY
+
+from kvarray import CausalCache, KVSpec
+from kvarray.errors import ConfigError, GraphMismatch, ShapeMismatch, UnsupportedModel
+from kvarray.export import export
+from kvarray.ort import Engine, EngineConfig, KVDtype, SamplingParams
+from kvarray.ort.engine import ViewChoice
+from kvarray.ort.native import GraphView, ViewSwitch, gathered_bias_before_put, pick_view
+from kvarray.ort.scheduler import Batch
+
+GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS)
+X = -np.inf
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder: the tiny Llama's checkpoint and pool graphs (links) plus its gathered graphs and
+    its decode graph."""
+    root = tmp_path_factory.mktemp("tiny-llama-gathered")
+    (root / "checkpoint").symlink_to(TINY / "checkpoint")
+    (root / "native").mkdir()
+    for graph in (TINY / "native").glob("decoder_step.pool.*.onnx"):
+        (root / "native" / graph.name).symlink_to(graph)
+    for kv in ("float32", "float16"):
+        export("llama", TINY / "checkpoint", root / "native", kv_dtype=kv, view="gathered")
+    export("llama", TINY / "checkpoint", root / "native", view="decode")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gathered_only(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same folder without the decode graph: "auto" takes the gathered graph as the twin."""
+    root = tmp_path_factory.mktemp("tiny-llama-gathered-only")
+    (root / "checkpoint").symlink_to(TINY / "checkpoint")
+    (root / "native").mkdir()
+    for graph in (folder / "native").glob("decoder_step.*.onnx"):
+        if ".decode." not in graph.name:
+            (root / "native" / graph.name).symlink_to(graph)
+    return root
+
+
+def engine(folder: Path, **options) -> Engine:
+    config = {
+        "capacity": 512,
+        "max_sequences": 8,
+        "prefill_chunk": 4,
+        "threads": 1,
+        "view": "gathered",
+        **options,
+    }
+    return Engine.from_model_dir(folder, EngineConfig(**config))
+
+
+def run_arrivals(eng: Engine, arrivals: dict[int, list[list[int]]]) -> dict[int, list[int]]:
+    """Step the engine, adding the prompts of `arrivals` (step -> prompts) at their steps; the outputs."""
+    ids: dict[int, int] = {}
+    step = 0
+    while step <= max(arrivals) or eng.has_work:
+        for prompt in arrivals.get(step, []):
+            ids[len(ids)] = eng.add_request(prompt, GREEDY)
+        eng.step()
+        step += 1
+    return {k: eng.pop(rid).output for k, rid in ids.items()}
+
+
+def eight_arrivals(prompts: list[list[int]]) -> dict[int, list[list[int]]]:
+    """Request k (prompt k % 3) arrives at step [0, 0, 1, 2, 3, 5, 8, 13][k]."""
+    arrivals: dict[int, list[list[int]]] = {}
+    for k, step in enumerate([0, 0, 1, 2, 3, 5, 8, 13]):
+        arrivals.setdefault(step, []).append(prompts[k % 3])
+    return arrivals
+
+
+# -- greedy outputs against transformers ------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [256, 4])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_gathered_one_request_alone_equals_transformers(folder, prompts, expected, k, chunk):
+    eng = engine(folder, prefill_chunk=chunk)
+    assert eng.info.view == "gathered" and eng.runner.view is GraphView.GATHERED
+    assert eng.generate([prompts[k]], GREEDY) == [expected[k]]
+    assert eng.stats().cells_used == 0
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_gathered_eight_requests_arriving_at_different_steps_equal_transformers(
+    folder, prompts, expected, prefix_sharing
+):
+    """Prefill chunks of 4 and decode tokens of up to 8 requests share each pass, all on the gathered view."""
+    eng = engine(folder, prefix_sharing=prefix_sharing)
+    outputs = run_arrivals(eng, eight_arrivals(prompts))
+    assert [outputs[k] for k in range(8)] == [expected[k % 3] for k in range(8)]
+    assert eng.metrics.steps < 8 * NEW_TOKENS
+    assert (eng.metrics.shared_tokens > 0) == prefix_sharing
+    assert eng.stats().cells_used == 0
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_decode_view_alone_equals_transformers(folder, prompts, expected, k):
+    """ "auto" on a folder with a decode graph: its default crossover is 1 sequence, so the prompt runs on
+    the pool graph and every decode pass on the decode graph."""
+    eng = engine(folder, view="auto", prefill_chunk=256)
+    assert isinstance(eng.runner, ViewSwitch) and eng.runner.twin is GraphView.DECODE
+    assert eng.runner.min_sequences == 1
+    assert eng.generate([prompts[k]], GREEDY) == [expected[k]]
+    assert eng.runner.passes == {GraphView.POOL: 1, GraphView.DECODE: NEW_TOKENS - 1}
+
+
+@pytest.mark.parametrize("twin", [GraphView.DECODE, GraphView.GATHERED])
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_auto_eight_requests_arriving_at_different_steps_equal_transformers(
+    folder, gathered_only, prompts, expected, twin, prefix_sharing
+):
+    """ "auto" with a crossover of 3 sequences: passes of one token per sequence and 3 or more sequences
+    run on the twin (the decode graph when the folder has one, else the gathered graph), the others
+    (prefill chunks, small decode passes) on the pool graph; every output is the reference."""
+    where = folder if twin is GraphView.DECODE else gathered_only
+    eng = engine(where, view="auto", gathered_min_sequences=3, prefix_sharing=prefix_sharing)
+    assert isinstance(eng.runner, ViewSwitch) and eng.runner.twin is twin and eng.twin_session is not None
+    outputs = run_arrivals(eng, eight_arrivals(prompts))
+    assert [outputs[k] for k in range(8)] == [expected[k % 3] for k in range(8)]
+    passes = eng.runner.passes
+    assert passes[GraphView.POOL] > 0 and passes[twin] > 0
+    assert passes[GraphView.POOL] + passes[twin] == eng.metrics.steps
+
+
+@pytest.mark.parametrize("kv", [KVDtype.INT8, KVDtype.FLOAT16])
+def test_gathered_graph_reads_int8_and_float16_caches(folder, prompts, expected, kv):
+    """int8 pools are dequantized by the gather into the float32 graph; a float16 cache goes with the
+    float16 gathered graph. Both keep the reference tokens, as their pool-view graphs do (test_modes.py,
+    test_optimum.py)."""
+    eng = engine(folder, kv_dtype=kv)
+    graph = "float16" if kv is KVDtype.FLOAT16 else "float32"
+    assert eng.info.kv_dtype == graph and eng.cache.kv_dtype == (kv.value, kv.value)
+    assert eng.generate(prompts, GREEDY) == expected
+
+
+def test_decode_twin_reads_an_int8_cache(folder, prompts, expected):
+    """ "auto" with an int8 cache: the int8 pool-view graph and the float32 decode graph (the gather
+    dequantizes); the reference tokens are kept."""
+    eng = engine(folder, view="auto", kv_dtype=KVDtype.INT8)
+    assert eng.info.kv_dtype == "int8" and eng.runner.twin is GraphView.DECODE
+    assert eng.generate(prompts, GREEDY) == expected
+    assert eng.runner.passes[GraphView.DECODE] > 0
+
+
+@pytest.mark.parametrize("window, sinks", [(16, 4), (24, 0)])
+def test_gathered_and_decode_views_with_a_window_equal_the_pool_view(folder, prompts, window, sinks):
+    """Ring overwrites: the before-put bias masks the cells a pass overwrites (gathered view), and a
+    decode pass's table is the sinks plus the window, all visible (decode view); 40 tokens run past the
+    window, and both give the pool view's tokens exactly."""
+    params = SamplingParams(max_new_tokens=40)
+    outputs = {}
+    for view in ("pool", "gathered", "auto"):
+        eng = engine(folder, view=view, window=window, sinks=sinks, capacity=256)
+        outputs[view] = eng.generate(prompts, params)
+    assert outputs["gathered"] == outputs["pool"] == outputs["auto"]
+
+
+# -- binding ----------------------------------------------------------------------------------------------
+def test_gathered_past_is_the_caches_staging_buffer(folder, prompts):
+    """The bound past of a gathered pass is the cache's gathered view itself (no copy of the copy)."""
+    eng = engine(folder, prefill_chunk=256)
+    eng.add_request(prompts[1], GREEDY)
+    eng.step()
+    eng.step()  # a decode pass
+    staged = eng.cache.get(0, "gathered").keys
+    bound = eng.binder.bound("past_key.0")
+    assert bound.pointer == staged.ctypes.data and bound.shape == staged.shape == (
+        1,
+        2,
+        len(prompts[1]) + 1,
+        16,
+    )
+
+
+def test_decode_view_keeps_its_past_across_passes(folder, prompts):
+    """Over a float32 cache the decode graph's past is the runner's `DecodeMirror`, bound as both
+    past_key.{i} and present_key.{i} (GroupQueryAttention writes each new row in place): the first decode
+    pass copies the prompt's rows from the pool, the next ones copy nothing, and the mirror's rows stay
+    equal to the cache's gathered view."""
+    eng = engine(folder, view="auto", prefill_chunk=256)
+    decode = eng.runner.runners[GraphView.DECODE]
+    eng.add_request(prompts[1], GREEDY)
+    eng.step()  # the prompt, on the pool graph
+    eng.step()  # the first decode pass: the prompt's 12 rows copied
+    assert decode.mirror.copied_rows == len(prompts[1])
+    for _ in range(5):
+        eng.step()
+    assert decode.mirror.copied_rows == len(prompts[1])  # nothing more: each row was written in place
+    binder = eng.runner.binder
+    past, present = binder.bound("past_key.0"), binder.bound("present_key.0")
+    assert past.pointer == present.pointer == decode.mirror.keys[0].ctypes.data
+    assert past.shape == (1, 2, 256, 16)  # Lcap rows: bound once, not once per step
+    length = len(prompts[1]) + 6  # the prompt and 6 decoded tokens are in the cache
+    plan = eng.cache.start_forward([0], [length])  # a plan to read the cache's own gathered view
+    for layer in range(2):
+        gathered = eng.cache.get(layer, "gathered")
+        np.testing.assert_array_equal(decode.mirror.keys[layer][0, :, :length], gathered.keys[0, :, :length])
+        np.testing.assert_array_equal(
+            decode.mirror.values[layer][0, :, :length], gathered.values[0, :, :length]
+        )
+    assert plan.num_tokens == 1
+
+
+def test_decode_view_reads_the_caches_gathered_view_with_int8_or_a_window(folder, prompts):
+    """An int8 pool holds quantized rows and a window reorders cell tables: the mirror would drift from
+    the pool, so the decode graph reads the cache's gathered view (rebuilt every pass) instead."""
+    for options in ({"kv_dtype": KVDtype.INT8}, {"window": 16, "sinks": 4}):
+        eng = engine(folder, view="auto", prefill_chunk=256, **options)
+        eng.generate([prompts[1]], GREEDY)
+        decode = eng.runner.runners[GraphView.DECODE]
+        assert eng.runner.passes[GraphView.DECODE] > 0 and decode.mirror.copied_rows == 0
+
+
+def test_decode_graph_refuses_a_pass_with_prompt_chunks(folder, prompts):
+    eng = engine(folder, view="auto")
+    decode = eng.runner.runners[GraphView.DECODE]
+    plan = eng.cache.start_forward([0, 0], [0, 1])
+    batch = Batch(np.array(prompts[0][:2]), np.array([0, 0]), np.array([0, 1]), np.array([1]), [], [], 2, 0)
+    with pytest.raises(ShapeMismatch, match="one token per sequence"):
+        decode.forward(eng.cache, plan, batch)
+
+
+# -- the view choice --------------------------------------------------------------------------------------
+def batch_of(tokens_per_sequence: list[int]) -> Batch:
+    seqs = np.repeat(np.arange(len(tokens_per_sequence)), tokens_per_sequence)
+    last = np.cumsum(tokens_per_sequence) - 1
+    return Batch(seqs, seqs, np.zeros_like(seqs), last, [], [], 0, 0)
+
+
+@pytest.mark.parametrize(
+    "tokens, twin_used",
+    [([1] * 8, True), ([1] * 7, False), ([1] * 8 + [4], False), ([1] * 20, True)],
+    ids=["8-decodes", "7-decodes", "8-decodes-and-a-chunk", "20-decodes"],
+)
+def test_pick_view_takes_the_twin_for_decode_passes_of_many_sequences(tokens, twin_used):
+    for twin in (GraphView.GATHERED, GraphView.DECODE):
+        assert pick_view(batch_of(tokens), min_sequences=8, twin=twin) is (
+            twin if twin_used else GraphView.POOL
+        )
+
+
+# -- the gathered graph's bias, drawn ---------------------------------------------------------------------
+def test_gathered_bias_before_put_masks_this_passs_cells_in_the_past_block():
+    """Sequence 0 holds 3 tokens and decodes its 4th; sequence 1 prefills 2 tokens (L = 4, T = 3)."""
+    cache = CausalCache(KVSpec(1, 1, 4, "float32"), capacity=32, max_sequences=4)
+    cache.start_forward([0, 0, 0], [0, 1, 2])
+    plan = cache.start_forward([0, 1, 1], [3, 0, 1])
+    bias = gathered_bias_before_put(plan)
+    #                   past rows of the token's sequence | this pass's tokens
+    expected = np.array(
+        [
+            [0, 0, 0, X, 0, X, X],  # seq 0 at 3: its 3 cached rows (row 3 is its own cell), itself
+            [X, X, X, X, X, 0, X],  # seq 1 at 0: no past, itself
+            [X, X, X, X, X, 0, 0],  # seq 1 at 1: its first token, itself
+        ],
+        np.float32,
+    )
+    np.testing.assert_array_equal(bias, expected)
+
+
+def test_gathered_bias_before_put_with_a_window_and_a_sink():
+    """Window 2, 1 sink: sequence 0 holds positions 0 (sink), 1, 2 and writes 3 over its oldest non-sink
+    cell (position 1, rank 1). Before put the past is the sink and position 2 (position 1 leaves the
+    table); the new token sees the sink, position 2 and itself."""
+    cache = CausalCache(KVSpec(1, 1, 4, "float32"), capacity=32, max_sequences=4, window=2, sinks=1)
+    cache.start_forward([0, 0, 0], [0, 1, 2])
+    plan = cache.start_forward([0], [3])
+    assert plan.gathered_lengths.tolist() == [3]  # sink, position 2, position 3 (the overwritten cell)
+    np.testing.assert_array_equal(gathered_bias_before_put(plan), np.array([[0, 0, X, 0]], np.float32))
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def test_a_view_the_graphs_do_not_have_is_refused(folder):
+    gathered = folder / "native" / "decoder_step.gathered.float32.onnx"
+    pool = folder / "native" / "decoder_step.pool.float32.onnx"
+    with pytest.raises(ConfigError, match="view 'pool' cannot run decoder_step.gathered.float32.onnx"):
+        Engine(gathered, EngineConfig(threads=1, view=ViewChoice.POOL))
+    with pytest.raises(ConfigError, match="view 'gathered' cannot run decoder_step.pool.float32.onnx"):
+        Engine(pool, EngineConfig(threads=1, view=ViewChoice.GATHERED))
+    with pytest.raises(ConfigError, match="reads a cache stored as float32 or int8, not float16"):
+        Engine(gathered, EngineConfig(threads=1, kv_dtype=KVDtype.FLOAT16))
+    with pytest.raises(UnsupportedModel, match="--kv-dtype float32 --view gathered"):
+        Engine.from_model_dir(TINY, EngineConfig(threads=1, view="gathered"), graph="native")
+
+
+def test_a_gathered_twin_of_another_model_is_refused(folder, tmp_path):
+    pool = folder / "native" / "decoder_step.pool.float32.onnx"
+    (other,) = export("llama", TINY.parent / "tiny-llama" / "checkpoint", tmp_path, view="gathered")
+    with pytest.raises(GraphMismatch, match="unexpected inputs past_key.2"):  # 4 layers, not 2
+        Engine(pool, EngineConfig(threads=1), twin_graph=other)
+    with pytest.raises(GraphMismatch, match="a pool-view graph and a gathered- or decode-view twin"):
+        Engine(pool, EngineConfig(threads=1), twin_graph=pool)
+    float16 = folder / "native" / "decoder_step.gathered.float16.onnx"  # reads a float16 cache
+    with pytest.raises(ConfigError, match="reads a cache stored as float16, not float32"):
+        Engine(pool, EngineConfig(threads=1), twin_graph=float16)
+
+
+# -- the decode graph's fused ops on other Llama configurations, against transformers --------------------
+LLAMA = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+LLAMA3 = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tie_word_embeddings": True},
+        {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
+        LLAMA3,
+        {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
+    ],
+    ids=["tied-head", "biases-mqa", "llama3-rope", "mha-head-dim-32"],
+)
+def test_decode_graph_of_other_llamas_equals_transformers(tmp_path, overrides):
+    """RotaryEmbedding (llama3 scaling in its tables), SkipSimplifiedLayerNormalization, GroupQueryAttention
+    (MQA, MHA) and a tied head in the decode graph: "auto" on a folder with the pool and decode graphs of a
+    random Llama gives transformers' greedy tokens, 8 requests at once."""
+    from kvarray.export.reference import greedy_reference, random_llama, torch_unavailable_reason
+
+    reason = torch_unavailable_reason()
+    if reason is not None:
+        print(reason)
+        pytest.skip(reason)
+    random_llama(tmp_path / "checkpoint", seed=11, **{**LLAMA, **overrides})
+    prompts = [[72, 101, 108, 108, 111], [10, 32, 100, 101, 102, 32, 102, 40, 41, 58, 10, 9], [7, 7, 7]]
+    reference = greedy_reference(tmp_path / "checkpoint", prompts, NEW_TOKENS)
+    for view in ("pool", "decode"):
+        export("llama", tmp_path / "checkpoint", tmp_path / "native", view=view)
+    eng = engine(tmp_path, view="auto", prefill_chunk=256)
+    assert eng.runner.twin is GraphView.DECODE and eng.runner.min_sequences == 1
+    requests = [prompts[k % 3] for k in range(8)]
+    expected = [reference[f"generated_{k % 3}"].tolist() for k in range(8)]
+    assert eng.generate(requests, GREEDY) == expected
+    assert eng.runner.passes[GraphView.DECODE] == NEW_TOKENS - 1
