@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import INT64_MAX, GraphBuilder, decode_pool
+from .graph import CONTRIB_DOMAIN, INT64_MAX, GraphBuilder, decode_pool
 
 
 class View(enum.Enum):
@@ -195,15 +195,24 @@ def declare_decode_past(g: GraphBuilder, layer: int, kv_heads: int, head_dim: in
     return KVBlock(key, value, per_token=True)
 
 
+@dataclass(frozen=True)
+class RopeTables:
+    """What GroupQueryAttention rotates q and k with: ``cos``, ``sin`` ``[P, R / 2]`` float32 tables (one
+    row per position) and ``positions [S, 1]`` int64."""
+
+    cos: str
+    sin: str
+    positions: str
+
+
 def group_query_attention(
     g: GraphBuilder,
     layer: int,
-    query: str,
-    key: str,
-    value: str,
+    qkv: str,
     past: KVBlock,
     seqlens_k: str,
     total: str,
+    rope: RopeTables | None,
     *,
     kv_heads: int,
     group: int,
@@ -215,28 +224,32 @@ def group_query_attention(
     s is sequence s's only one).
 
     Args:
-        query: ``[T, H, D]`` (after RoPE); key, value: ``[T, KV, D]`` (key after RoPE).
+        qkv: ``[T, (H + 2 KV) * D]`` the packed projection: queries, keys, values (query head h reads kv
+            head h // group, as `attention` does).
         seqlens_k: ``[S]`` int32, each sequence's past length: its rows ``[0, seqlens_k)`` are read, and
             this pass's token goes to row ``seqlens_k`` (GroupQueryAttention's "total length - 1").
-        total: int32 scalar, L (the past buffer's rows).
-        group: query heads per kv head (query head h reads kv head h // group, as `attention` does).
+        total: int32 scalar, the longest sequence with this pass's token (``max(seqlens_k) + 1``, at most
+            the past buffer's rows L and the rope tables' rows).
+        rope: the tables GroupQueryAttention rotates q and k with (NeoX pairing; a rotary half-width that
+            is a multiple of 8), or None when `qkv`'s queries and keys are rotated already.
 
-    GroupQueryAttention writes this pass's rows into its outputs ``present_key.{i}`` /
+    GroupQueryAttention writes this pass's rows (keys rotated) into its outputs ``present_key.{i}`` /
     ``present_value.{i}`` ``[S, KV, L, D]``: bound to the past inputs' own memory, they are written in
     place and nothing is copied (ONNX Runtime shares the buffer when the pointers are equal); bound
-    elsewhere, the past is copied into them first.
+    elsewhere, the past is copied into them first. The cache reads its new rows from there.
     """
     heads = kv_heads * group
-    q = g.op("Reshape", query, g.const([0, 1, heads * head_dim]))  # [S, 1, H*D]
-    k = g.op("Reshape", key, g.const([0, 1, kv_heads * head_dim]))
-    v = g.op("Reshape", value, g.const([0, 1, kv_heads * head_dim]))
+    packed = g.op("Reshape", qkv, g.const([0, 1, (heads + 2 * kv_heads) * head_dim]))  # [S, 1, (H+2KV)D]
+    rotary = [] if rope is None else [rope.cos, rope.sin, rope.positions]
     out = g.op(
         "GroupQueryAttention",
-        q, k, v, past.key, past.value, seqlens_k, total,
+        packed, "", "", past.key, past.value, seqlens_k, total, *rotary,
         outputs=[f"layers.{layer}.attention", f"present_key.{layer}", f"present_value.{layer}"],
-        domain="com.microsoft",
+        domain=CONTRIB_DOMAIN,
         num_heads=heads,
         kv_num_heads=kv_heads,
         scale=scale,
+        do_rotary=int(rope is not None),
+        rotary_interleaved=0,
     )[0]  # fmt: skip
     return g.op("Reshape", out, g.const([0, heads * head_dim]))

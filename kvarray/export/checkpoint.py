@@ -25,8 +25,21 @@ from ..errors import MissingModelFile, MissingTensor, ModelFileError, ShapeMisma
 CONFIG_FILE = "config.json"
 #: bytes per element of the safetensors dtypes
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 #: the largest safetensors header read (the format's own limit is 100 MB)
 MAX_HEADER_BYTES = 100_000_000

@@ -9,8 +9,8 @@ Shapes: T tokens of the pass, S sequences, N pool cells, M encoder rows, KV kv h
                                  cross_bias [T, M] float32 (encoder-decoder models)
     decoder step, outputs        logits [S, vocab] float32, per layer new_key.{i}, new_value.{i} [T, KV, D]
     decode view (Llama)          input_ids, position_ids [S], seqlens_k [S] int32, per layer past_key.{i},
-                                 past_value.{i} [S, KV, L, D] float32: `declare_decode_inputs`; outputs add
-                                 per layer present_key.{i}, present_value.{i} [S, KV, L, D]
+                                 past_value.{i} [S, KV, L, D] float32: `declare_decode_inputs`; outputs
+                                 logits and per layer present_key.{i}, present_value.{i} [S, KV, L, D]
     encoder, outputs             per decoder layer i: cross_key.{i}, cross_value.{i} [rows, KV, D] float32,
                                  every layer's k and v projections packed into one MatMul
 
@@ -85,7 +85,7 @@ class DecodeInputs:
     input_ids: str  # [S] int64, one token per sequence
     position_ids: str  # [S] int64
     seqlens_k: str  # [S] int32, each sequence's past length
-    total: str  # int32 scalar: L, the rows of the past buffers (computed from past_key.0's shape)
+    total: str  # int32 scalar: max(seqlens_k) + 1, the longest sequence with this pass's token
     pasts: list[KVBlock]  # one per layer, [S, KV, L, D]
 
 
@@ -107,8 +107,9 @@ def declare_decode_inputs(
     position_ids = g.input("position_ids", "int64", ["tokens"])
     seqlens_k = g.input("seqlens_k", "int32", ["tokens"])
     pasts = [declare_decode_past(g, i, kv_heads, head_dim) for i in range(layers)]
-    rows = g.op("Shape", pasts[0].key, start=2, end=3)  # [1] L
-    total = g.op("Cast", g.op("Squeeze", rows, g.const([0])), to=onnx.TensorProto.INT32)
+    # the longest sequence with this pass's token: what GroupQueryAttention reads and rotates up to (its
+    # past buffers may be longer, and its cos / sin tables must have at least this many rows)
+    total = g.op("Add", g.op("ReduceMax", seqlens_k, keepdims=0), g.const(1, np.int32))
     return DecodeInputs(input_ids, position_ids, seqlens_k, total, pasts)
 
 
@@ -135,21 +136,20 @@ def step_model(
     """Declare the decoder step's outputs and return its model with metadata.
 
     A node must already produce ``logits [S, vocab_size]`` and, per layer of `spec`, ``new_key.{i}`` and
-    ``new_value.{i}`` ``[T, spec.num_kv_heads, spec.head_dim]`` float32 (the decode view: also
+    ``new_value.{i}`` ``[T, spec.num_kv_heads, spec.head_dim]`` float32 (the decode view: instead
     ``present_key.{i}``, ``present_value.{i}`` ``[S, KV, L, D]``). `token_ids`: the config.json keys the
     metadata records (`TOKEN_IDS` or `SEQ2SEQ_TOKEN_IDS`).
     """
     outputs = ["logits"]
     g.output("logits", "float32", ["logits_rows", vocab_size])
-    for i in range(spec.num_layers):
-        for name in (f"new_key.{i}", f"new_value.{i}"):
-            g.output(name, "float32", ["tokens", spec.num_kv_heads, spec.head_dim])
-            outputs.append(name)
+    per_layer = ("present_key", "present_value") if view is View.DECODE else ("new_key", "new_value")
+    shape: list[int | str] = ["tokens", spec.num_kv_heads, spec.head_dim]
     if view is View.DECODE:
-        for i in range(spec.num_layers):
-            for name in (f"present_key.{i}", f"present_value.{i}"):
-                g.output(name, "float32", ["tokens", spec.num_kv_heads, "past_length", spec.head_dim])
-                outputs.append(name)
+        shape = ["tokens", spec.num_kv_heads, "past_length", spec.head_dim]
+    for i in range(spec.num_layers):
+        for kind in per_layer:
+            g.output(f"{kind}.{i}", "float32", shape)
+            outputs.append(f"{kind}.{i}")
     inputs = [v.name for v in g.inputs]
     meta = graph_metadata(
         architecture=architecture,

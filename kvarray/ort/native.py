@@ -16,9 +16,10 @@ preallocated outputs. The graph's view (`GraphView`, from its metadata) says how
 - decode: passes where every sequence feeds one token (T = S) only. A gathered view again, read by
   ONNX Runtime's GroupQueryAttention with ``seqlens_k [S]`` int32 (each sequence's past length, no bias);
   its outputs ``present_key.{i}`` / ``present_value.{i}`` are bound to the same buffers, so the pass's
-  rows are written in place. Over a float32 cache without a window these buffers are a `DecodeMirror`
-  kept across passes: a pass copies only the rows a sequence gained since its last decode pass (its
-  prompt, once), not its whole past; otherwise they are the cache's gathered view.
+  rows are written in place, and read back from there (row ``seqlens_k`` of each sequence) for `put`.
+  Over a float32 cache without a window these buffers are a `DecodeMirror` kept across passes: a pass
+  copies only the rows a sequence gained since its last decode pass (its prompt, once), not its whole
+  past; otherwise they are the cache's gathered view.
 
 `ViewSwitch` runs a model's pool-view graph and a gathered- or decode-view twin over one cache and picks
 the graph per pass (`pick_view`).
@@ -53,6 +54,7 @@ __all__ = [
     "ViewSwitch",
     "gathered_bias_before_put",
     "pick_view",
+    "pool_window",
     "row_mismatches",
 ]
 
@@ -66,7 +68,7 @@ DECODE_NAMES = Convention(
     ("input_ids", "position_ids", "seqlens_k", "logits_index"),
     ("logits",),
     ("past_key.{i}", "past_value.{i}"),
-    ("new_key.{i}", "new_value.{i}", "present_key.{i}", "present_value.{i}"),
+    ("present_key.{i}", "present_value.{i}"),
 )
 
 
@@ -90,12 +92,16 @@ def step_mismatches(
 ) -> list[str]:
     """What of a native decoder step does not fit `spec`: ``past_key.{i}`` / ``past_value.{i}`` inputs
     (pool ``[*, H, D]``, gathered and decode ``[*, H, *, D]``), ``new_key.{i}`` / ``new_value.{i}``
-    outputs ``[*, H, D]``, ``logits [*, vocab_size]`` (names already checked with `check_names`)."""
+    outputs ``[*, H, D]`` (decode: ``present_key.{i}`` / ``present_value.{i}`` ``[*, H, *, D]``),
+    ``logits [*, vocab_size]`` (names already checked with `check_names`)."""
     heads, dim = spec.num_kv_heads, spec.head_dim
     past, rows = [], []
     for i in range(spec.num_layers):
         past += [ins[f"past_key.{i}"], ins[f"past_value.{i}"]]
-        rows += [outs[f"new_key.{i}"], outs[f"new_value.{i}"]]
+        if view is GraphView.DECODE:
+            past += [outs[f"present_key.{i}"], outs[f"present_value.{i}"]]
+        else:
+            rows += [outs[f"new_key.{i}"], outs[f"new_value.{i}"]]
     if view is GraphView.POOL:
         wrong = row_mismatches(spec, past + rows)
     else:
@@ -137,6 +143,7 @@ class DecodeMirror:
         self.sequences = np.empty(0, np.int64)  # sequence id of each slot (last pass)
         self.valid = np.empty(0, np.int64)  # rows of each slot equal to the pool
         self._past = np.empty(0, np.int64)  # the staged pass's past lengths
+        self._views: tuple[Any, Any] = (None, None)  # the last stage's [S, H, Lcap, D] views per layer
         self.copied_rows = 0  # rows copied from the pool since construction (for tests and reports)
 
     def stage(self, cache: CausalCache, plan: ForwardPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -166,7 +173,9 @@ class DecodeMirror:
                 self.values[layer][slot, :, rank] = pool.values[cells]
             self.copied_rows += total
         self.sequences, self.valid, self._past = seqs, past, past
-        return [k[:count] for k in self.keys], [v[:count] for v in self.values]
+        if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
+            self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
+        return self._views[0], self._views[1]
 
     def commit(self) -> None:
         """The staged pass ran: its rows (written in place by the graph) are valid too."""
@@ -179,6 +188,7 @@ class DecodeMirror:
         shape = (slots, self.heads, rows, self.dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(self.layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(self.layers)]
+        self._views = (None, None)
         self.sequences = np.empty(0, np.int64)
         self.valid = np.empty(0, np.int64)
 
@@ -220,6 +230,24 @@ def gathered_bias_before_put(plan: ForwardPlan, out: np.ndarray | None = None) -
     return bias
 
 
+def pool_window(plan: ForwardPlan, multiple: int = 32) -> tuple[int, int]:
+    """The pool cells ``[lo, hi)`` a pool-view pass needs: from the lowest to the highest cell of the
+    batch's cell tables (this pass's cells included), rounded out to `multiple`, within ``[0, n_kv)``;
+    ``(0, n_kv)`` unless that saves at least a quarter of the n_kv columns.
+
+    A pool-view graph scores every token against every past column it is given, so a pass over a few of
+    many sequences (a prompt chunk while others run, a prefill pass of 4 of 16 new prompts) reads a slice
+    of the pool: the cells it skips all belong to other sequences and are masked anyway. The slice is
+    still the pool's own memory (zero-copy); the bias is cut to match.
+    """
+    cells = plan.page_table.kv_indices
+    if cells.size == 0:
+        return 0, plan.n_kv
+    lo = int(cells.min()) // multiple * multiple
+    hi = min(plan.n_kv, -(-(int(cells.max()) + 1) // multiple) * multiple)
+    return (lo, hi) if 4 * (hi - lo) <= 3 * plan.n_kv else (0, plan.n_kv)
+
+
 class NativeStepRunner(Runner):
     """The IO binding of a native decoder step in any view, rebinding only what changed (docs/engine.md).
 
@@ -233,6 +261,7 @@ class NativeStepRunner(Runner):
 
     session: ort.InferenceSession
     view: GraphView = GraphView.POOL
+    pool_window: bool = False  # bind only the pool cells of the batch's sequences (`pool_window`)
 
     def _setup_binding(self, max_rows: int) -> None:
         """Make the binder and the buffers (``max_rows``: initial rows of the output buffers)."""
@@ -260,7 +289,8 @@ class NativeStepRunner(Runner):
         self._bias = np.empty(0, np.float32)  # the gathered view's bias, grown to the next power of two
         self.mirror = DecodeMirror(layers, self.spec.num_kv_heads, self.spec.head_dim)  # decode view only
         self._staged: DecodeMirror | None = None  # the mirror staged for the pass being bound
-        self._bound_n_kv = -1
+        self._present: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # decode: what the graph writes
+        self._bound_cells = (-1, -1)  # the pool cells [lo, hi) bound as the past
         self._bound_tokens = -1
         self._bound_rows = -1
         self.new_keys: list[np.ndarray] = []
@@ -273,6 +303,10 @@ class NativeStepRunner(Runner):
         start = time.perf_counter()
         self.binder.run()
         seconds = time.perf_counter() - start
+        if self.view is GraphView.DECODE:  # this pass's rows, written into the present buffers
+            row, rank = np.arange(plan.num_sequences), plan.gathered_lengths - 1
+            self.new_keys = [keys[row, :, rank] for keys in self._present[0]]
+            self.new_values = [values[row, :, rank] for values in self._present[1]]
         if self._staged is not None:
             self._staged.commit()
         for layer in range(self.spec.num_layers):
@@ -311,7 +345,7 @@ class NativeStepRunner(Runner):
             self._bind_pool(cache, plan)
         else:
             self._bind_gathered(cache, plan)
-        if count != self._bound_tokens:
+        if count != self._bound_tokens and self.view is not GraphView.DECODE:
             out = self.outputs
             self.new_keys = [out.view(f"new_key.{i}", count) for i in range(self.spec.num_layers)]
             self.new_values = [out.view(f"new_value.{i}", count) for i in range(self.spec.num_layers)]
@@ -325,19 +359,31 @@ class NativeStepRunner(Runner):
             self._bound_rows = rows
 
     def _bind_pool(self, cache: CausalCache, plan: ForwardPlan) -> None:
-        """The pool view of every layer (rebound once per n_kv; int8 with its scales) and the plan's
-        ``bias_before_put [T, n_kv + T]``."""
-        self.binder.bind_input("attention_bias", plan.bias_before_put)
-        if plan.n_kv != self._bound_n_kv:
+        """The pool view of every layer (rebound when its cells change; int8 with its scales) and the
+        plan's ``bias_before_put [T, n_kv + T]``; with `pool_window`, only the cells ``[lo, hi)`` that
+        hold the batch's sequences (`pool_window`) and the matching columns of the bias."""
+        lo, hi = pool_window(plan) if self.pool_window else (0, plan.n_kv)
+        bias = plan.bias_before_put
+        if (lo, hi) != (0, plan.n_kv):  # the past block's columns [lo, hi), then this pass's T
+            count, width = plan.num_tokens, hi - lo
+            size = count * (width + count)
+            if self._bias.size < size:
+                self._bias = np.empty(1 << max(size - 1, 1).bit_length(), np.float32)
+            window = self._bias[:size].reshape(count, width + count)
+            window[:, :width] = bias[:, lo:hi]
+            window[:, width:] = bias[:, plan.n_kv :]
+            bias = window
+        self.binder.bind_input("attention_bias", bias)
+        if (lo, hi) != self._bound_cells:
             int8 = self.kv_dtype == "int8"
             for layer, names in enumerate(self._past_names):
                 view = cast(PoolView, cache.get(layer, "pool"))
-                self.binder.bind_input(names[0], view.keys)
-                self.binder.bind_input(names[1], view.values)
+                self.binder.bind_input(names[0], view.keys[lo:hi])
+                self.binder.bind_input(names[1], view.values[lo:hi])
                 if int8:
-                    self.binder.bind_input(names[2], view.key_scales)
-                    self.binder.bind_input(names[3], view.value_scales)
-            self._bound_n_kv = plan.n_kv
+                    self.binder.bind_input(names[2], view.key_scales[lo:hi])
+                    self.binder.bind_input(names[3], view.value_scales[lo:hi])
+            self._bound_cells = (lo, hi)
 
     def _bind_gathered(self, cache: CausalCache, plan: ForwardPlan) -> None:
         """The gathered view of every layer ``[S, H, L, D]`` (the cache's staging buffers, copied by
@@ -365,7 +411,8 @@ class NativeStepRunner(Runner):
             if decode:
                 binder.bind_output(f"present_key.{layer}", keys[layer])
                 binder.bind_output(f"present_value.{layer}", values[layer])
-        self._bound_n_kv = -1  # the pool view is no longer bound
+        self._present = (keys, values)
+        self._bound_cells = (-1, -1)  # the pool view is no longer bound
 
 
 class NativeRunner(NativeStepRunner):
@@ -375,8 +422,9 @@ class NativeRunner(NativeStepRunner):
     [T, n_kv + T]`` are bound zero-copy. Gathered view: the cache's gathered view ``[S, H, L, D]``,
     ``token_sequence [T]`` and `gathered_bias_before_put` ``[T, L + T]``. Decode view (passes of one token
     per sequence; others raise `ShapeMismatch`): the gathered view as past and present, ``seqlens_k``.
-    Every view writes ``new_key.{i}`` / ``new_value.{i}`` ``[T, H, D]`` and ``logits [S, vocab]`` into
-    preallocated buffers, and `put` scatters the new rows.
+    The pool and gathered views write ``new_key.{i}`` / ``new_value.{i}`` ``[T, H, D]`` and
+    ``logits [S, vocab]`` into preallocated buffers (the decode view: ``logits`` and its present
+    buffers, whose new rows are read back), and `put` scatters the new rows.
 
     Args:
         session: the graph's session; info: its kvarray metadata; spec: the cache spec (None: the graph's).
@@ -390,6 +438,7 @@ class NativeRunner(NativeStepRunner):
     """
 
     kind = "native"
+    pool_window = True
 
     def __init__(
         self,
@@ -520,8 +569,11 @@ class ViewSwitch(Runner):
         return self._last.view
 
     def forward(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]:
-        """Run the pass on the view `pick_view` chooses; see `Runner`."""
+        """Run the pass on the view `pick_view` chooses (the pool view for a decode twin over a cache with a
+        window: positions then go past its rope tables' rows, ``max_position_embeddings``); see `Runner`."""
         view = pick_view(batch, self.min_sequences, self.twin)
+        if view is GraphView.DECODE and cache.window is not None:
+            view = GraphView.POOL
         self._last = self.runners[view]
         result = self._last.forward(cache, plan, batch)
         self.passes[view] += 1

@@ -9,9 +9,12 @@ second each) into a model folder beside links to the committed checkpoint and po
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from ort_models import NEW_TOKENS, TINY
 
@@ -20,7 +23,7 @@ from kvarray.errors import ConfigError, GraphMismatch, ShapeMismatch, Unsupporte
 from kvarray.export import export
 from kvarray.ort import Engine, EngineConfig, KVDtype, SamplingParams
 from kvarray.ort.engine import ViewChoice
-from kvarray.ort.native import GraphView, ViewSwitch, gathered_bias_before_put, pick_view
+from kvarray.ort.native import GraphView, ViewSwitch, gathered_bias_before_put, pick_view, pool_window
 from kvarray.ort.scheduler import Batch
 
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS)
@@ -159,16 +162,15 @@ def test_decode_twin_reads_an_int8_cache(folder, prompts, expected):
 
 
 @pytest.mark.parametrize("window, sinks", [(16, 4), (24, 0)])
-def test_gathered_and_decode_views_with_a_window_equal_the_pool_view(folder, prompts, window, sinks):
-    """Ring overwrites: the before-put bias masks the cells a pass overwrites (gathered view), and a
-    decode pass's table is the sinks plus the window, all visible (decode view); 40 tokens run past the
-    window, and both give the pool view's tokens exactly."""
+def test_gathered_view_with_a_window_equals_the_pool_view(folder, prompts, window, sinks):
+    """Ring overwrites: the before-put bias masks the cells a pass overwrites; 40 tokens run past the
+    window, and the gathered view gives the pool view's tokens exactly."""
     params = SamplingParams(max_new_tokens=40)
     outputs = {}
-    for view in ("pool", "gathered", "auto"):
+    for view in ("pool", "gathered"):
         eng = engine(folder, view=view, window=window, sinks=sinks, capacity=256)
         outputs[view] = eng.generate(prompts, params)
-    assert outputs["gathered"] == outputs["pool"] == outputs["auto"]
+    assert outputs["gathered"] == outputs["pool"]
 
 
 # -- binding ----------------------------------------------------------------------------------------------
@@ -217,14 +219,21 @@ def test_decode_view_keeps_its_past_across_passes(folder, prompts):
     assert plan.num_tokens == 1
 
 
-def test_decode_view_reads_the_caches_gathered_view_with_int8_or_a_window(folder, prompts):
-    """An int8 pool holds quantized rows and a window reorders cell tables: the mirror would drift from
-    the pool, so the decode graph reads the cache's gathered view (rebuilt every pass) instead."""
-    for options in ({"kv_dtype": KVDtype.INT8}, {"window": 16, "sinks": 4}):
-        eng = engine(folder, view="auto", prefill_chunk=256, **options)
-        eng.generate([prompts[1]], GREEDY)
-        decode = eng.runner.runners[GraphView.DECODE]
-        assert eng.runner.passes[GraphView.DECODE] > 0 and decode.mirror.copied_rows == 0
+def test_decode_view_reads_the_caches_gathered_view_with_int8(folder, prompts, expected):
+    """An int8 pool holds quantized rows: a mirror would drift from the pool, so the decode graph reads the
+    cache's gathered view (rebuilt every pass, int8 dequantized) instead."""
+    eng = engine(folder, view="auto", prefill_chunk=256, kv_dtype=KVDtype.INT8)
+    assert eng.generate([prompts[1]], GREEDY) == [expected[1]]
+    decode = eng.runner.runners[GraphView.DECODE]
+    assert eng.runner.passes[GraphView.DECODE] == NEW_TOKENS - 1 and decode.mirror.copied_rows == 0
+
+
+def test_a_window_keeps_auto_on_the_pool_view(folder, prompts):
+    """With a window positions go on past ``max_position_embeddings``, the rows of the decode graph's rope
+    tables: "auto" runs every pass on the pool graph then."""
+    eng = engine(folder, view="auto", prefill_chunk=256, window=16, sinks=4)
+    eng.generate([prompts[1]], GREEDY)
+    assert eng.runner.passes == {GraphView.POOL: NEW_TOKENS, GraphView.DECODE: 0}
 
 
 def test_decode_graph_refuses_a_pass_with_prompt_chunks(folder, prompts):
@@ -369,3 +378,42 @@ def test_decode_graph_of_other_llamas_equals_transformers(tmp_path, overrides):
     expected = [reference[f"generated_{k % 3}"].tolist() for k in range(8)]
     assert eng.generate(requests, GREEDY) == expected
     assert eng.runner.passes[GraphView.DECODE] == NEW_TOKENS - 1
+
+
+def test_decode_graph_with_partial_rotary_equals_the_pool_view(tmp_path, prompts):
+    """A rotary half-width that is not a multiple of 8 (head_dim 16, half of it rotating: 4) is beyond
+    GroupQueryAttention's own rotation: the decode graph rotates q and k with a RotaryEmbedding node
+    first. Its tokens equal the pool view's, whose partial rotary is checked against a NumPy forward in
+    tests/export."""
+    shutil.copytree(TINY / "checkpoint", tmp_path / "checkpoint")
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    (tmp_path / "checkpoint" / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.5}))
+    for view in ("pool", "decode"):
+        export("llama", tmp_path / "checkpoint", tmp_path / "native", view=view)
+    ops = [n.op_type for n in onnx.load(tmp_path / "native" / "decoder_step.decode.float32.onnx").graph.node]
+    assert ops.count("RotaryEmbedding") == 2
+    outputs = {view: engine(tmp_path, view=view).generate(prompts, GREEDY) for view in ("pool", "auto")}
+    assert outputs["auto"] == outputs["pool"]
+
+
+# -- the pool view, cut to the batch's cells ------------------------------------------------------------
+def test_pool_view_binds_only_the_cells_of_the_batchs_sequences(prompts, expected):
+    """A request of 60 tokens and one of 7 prefill together (cells [0, 60) and [60, 67)); the long one is
+    cancelled, and the short one's passes read the pool rows [32, 96) only (its cells, rounded out to
+    32; n_kv is 96): a zero-copy slice of the pool and the bias columns that go with it. Its tokens are
+    the reference's."""
+    config = EngineConfig(capacity=512, max_sequences=8, prefill_chunk=256, threads=1, defrag_threshold=None)
+    eng = Engine.from_model_dir(TINY, config, graph="native")
+    long = eng.add_request(prompts[1] * 5, GREEDY)
+    short = eng.add_request(prompts[0], GREEDY)
+    eng.step()
+    eng.cancel(long)
+    eng.step()
+    assert pool_window(eng.cache.plan) == (32, 96) and eng.cache.plan.n_kv == 96
+    pool = eng.cache.get(0, "pool").keys
+    bound = eng.binder.bound("past_key.0")
+    assert bound.shape == (64, 2, 16) and bound.pointer == pool[32:].ctypes.data
+    assert eng.binder.bound("attention_bias").shape == (1, 64 + 1)
+    for _ in eng.stream():
+        pass
+    assert eng.pop(short).output == expected[0]

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_helpers (no c
 
 from engine_helpers import GREEDY, alone, engine, live_cells, random_prompts  # noqa: E402
 
-from kvarray.ort import FinishReason  # noqa: E402
 from kvarray.errors import EngineBusy  # noqa: E402
+from kvarray.ort import FinishReason  # noqa: E402
 
 THREADS, PER_THREAD = 4, 8
 

@@ -25,8 +25,8 @@ from engine_helpers import (  # noqa: E402
     reference,
 )
 
-from kvarray.ort import FinishReason, SamplingParams  # noqa: E402
 from kvarray.errors import NonFiniteLogits, RequestFailed  # noqa: E402
+from kvarray.ort import FinishReason, SamplingParams  # noqa: E402
 
 PROMPTS, EXPECTED = reference()
 VICTIM = [5, 6, 7, 8, 9, 10, 11]

@@ -21,6 +21,7 @@ from kvarray.errors import (  # noqa: E402
     DTypeMismatch,
     EmptyPrompt,
     GraphMismatch,
+    InvalidUTF8,  # noqa: E402
     KVArrayError,
     PromptTooLong,
     ShapeMismatch,
@@ -31,7 +32,6 @@ from kvarray.errors import (  # noqa: E402
 )
 from kvarray.export import MissingModelFile, ModelFileError  # noqa: E402
 from kvarray.ort import Engine, EngineConfig, SamplingParams  # noqa: E402
-from kvarray.errors import InvalidUTF8  # noqa: E402
 
 PROMPTS, EXPECTED = reference()
 
