@@ -381,6 +381,7 @@ class NativeStepRunner(Runner):
                 self.binder.bind_input(names[0], view.keys[lo:hi])
                 self.binder.bind_input(names[1], view.values[lo:hi])
                 if int8:
+                    assert view.key_scales is not None and view.value_scales is not None  # an int8 pool's
                     self.binder.bind_input(names[2], view.key_scales[lo:hi])
                     self.binder.bind_input(names[3], view.value_scales[lo:hi])
             self._bound_cells = (lo, hi)

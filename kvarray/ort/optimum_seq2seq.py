@@ -170,14 +170,14 @@ class OptimumSeq2SeqRunner(EncoderSide):
         outputs = self.session.run(self._cross_outputs, feeds)  # [B, H, M, D] each
         seconds = time.perf_counter() - start
         rows = [self._source_rows(s) for s in sources]
-        cross = []
+        cross: list[tuple[Any, Any]] = []
         for i in range(self.spec.num_layers):
             keys, values = outputs[2 * i], outputs[2 * i + 1]
             if keys.shape[2] < max(rows):
                 raise GraphMismatch(
                     f"present.{i}.encoder.key {list(keys.shape)}: fewer rows than {max(rows)}"
                 )
-            cross.append(tuple(_rows_of(t, rows) for t in (keys, values)))
+            cross.append((_rows_of(keys, rows), _rows_of(values, rows)))
         self._store_cross(cache, reqs, cross, seconds)
 
     # ---- passes ------------------------------------------------------------------------------------
