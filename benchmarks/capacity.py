@@ -154,10 +154,10 @@ class ChurnSeries:
         return float(np.mean(self.ratios))
 
 
-def churn_series(threshold: float | None, steps: int = CHURN_STEPS, seed: int = 0) -> ChurnSeries:
-    """Run the churn workload (sequences of random prompt lengths start, decode and finish; 12 running)
-    on a fresh cache with `threshold` as its defrag threshold, recording n_kv and used cells per step."""
-    cache = CausalCache(CHURN_SPEC, CHURN_CAPACITY, CHURN_SEQUENCES, defrag_threshold=threshold, xp=np)
+def run_churn(cache: CausalCache, steps: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The churn workload on `cache`: sequences of random prompt lengths (8-119) start (up to 12 running),
+    decode one token a step and finish (8 % a step). Returns n_kv ``[steps]`` and used cells ``[steps]``
+    after every step. Also the workload of ``benchmarks/test_causal_bench.py::test_defrag_churn``."""
     rng = np.random.default_rng(seed)
     lengths: dict[int, int] = {}
     next_id = 0
@@ -182,6 +182,14 @@ def churn_series(threshold: float | None, steps: int = CHURN_STEPS, seed: int = 
         stats = cache.stats()
         n_kv.append(stats.n_kv)
         used.append(stats.cells_used)
+    return n_kv, used
+
+
+def churn_series(threshold: float | None, steps: int = CHURN_STEPS, seed: int = 0) -> ChurnSeries:
+    """Run the churn workload (`run_churn`) on a fresh cache with `threshold` as its defrag threshold,
+    recording n_kv and used cells per step."""
+    cache = CausalCache(CHURN_SPEC, CHURN_CAPACITY, CHURN_SEQUENCES, defrag_threshold=threshold, xp=np)
+    n_kv, used = run_churn(cache, steps, seed)
     stats = cache.stats()
     cache.close()
     return ChurnSeries(threshold, n_kv, used, stats.defrags, stats.cells_moved)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.capacity import run_churn
 from kvarray.causal import CausalCache
 from kvarray.spec import KVSpec
 
@@ -95,29 +96,9 @@ def test_bytes_per_token(benchmark, kv_dtype) -> None:
 
 
 def churn(cache: CausalCache, steps: int, seed: int = 0) -> float:
-    """Sequences of random prompt lengths start, decode and finish; returns the mean n_kv / used cells."""
-    rng = np.random.default_rng(seed)
-    lengths: dict[int, int] = {}
-    next_id, ratios = 0, []
-    for _ in range(steps):
-        for seq in [s for s in lengths if rng.random() < 0.08]:  # finished sequences leave
-            cache.remove(seq)
-            del lengths[seq]
-        while len(lengths) < 12:  # new ones arrive with a prompt
-            prompt = int(rng.integers(8, 120))
-            if cache.stats().cells_free < prompt + 32:
-                break
-            cache.start_forward([next_id] * prompt, list(range(prompt)))
-            lengths[next_id] = prompt
-            next_id += 1
-        if lengths:
-            seqs = list(lengths)
-            cache.start_forward(seqs, [lengths[s] for s in seqs])
-            for s in seqs:
-                lengths[s] += 1
-        stats = cache.stats()
-        ratios.append(stats.n_kv / max(stats.cells_used, 1))
-    return float(np.mean(ratios))
+    """The churn workload (`benchmarks.capacity.run_churn`); returns the mean n_kv / used cells."""
+    n_kv, used = run_churn(cache, steps, seed)
+    return float(np.mean([n / max(u, 1) for n, u in zip(n_kv, used, strict=True)]))
 
 
 @pytest.mark.parametrize("threshold", [None, 0.1], ids=["no-defrag", "defrag-0.1"])
