@@ -350,23 +350,8 @@ def engine_section(results: Results) -> Section:
     rounds = f"Medians of {repeats} rounds" if repeats != 1 else "One round"
     s.add(provenance(results, "engine", f"{rounds} per system and size.", extra_versions))
 
-    def draw(ax: Any) -> None:
-        for system, data in tps.items():
-            ns = sorted(data)
-            ax.plot(ns, [data[n] for n in ns], marker="o", label=display(system))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.legend()
-
-    s.figures.append(
-        Figure(
-            "engine_tokens_per_s.png",
-            "bench Llama: tokens/s (prefill included)",
-            draw,
-            xlabel="sequences",
-            ylabel="tokens / s (median)",
-        )
-    )
+    title = "bench Llama: tokens/s (prefill included)"
+    s.figures.append(tokens_figure("engine_tokens_per_s.png", title, tps, sizes))
     return s
 
 
@@ -406,24 +391,23 @@ def variants_section(results: Results) -> Section:
     rounds = f"Medians of {repeats} rounds" if repeats != 1 else "One round"
     s.add(provenance(results, "variants", f"{rounds} per variant and size."))
 
+    s.figures.append(tokens_figure("engine_variants.png", "kvarray engine variants: tokens/s", tps, sizes))
+    return s
+
+
+def tokens_figure(name: str, title: str, tps: dict[str, dict[int, float]], sizes: list[int]) -> Figure:
+    """A plot of tokens/s against sequences (log 2 axis at `sizes`), one line per system of
+    ``tps {system: {sequences: tok/s}}``."""
+
     def draw(ax: Any) -> None:
-        for name, data in tps.items():
+        for system, data in tps.items():
             ns = sorted(data)
-            ax.plot(ns, [data[n] for n in ns], marker="o", label=display(name))
+            ax.plot(ns, [data[n] for n in ns], marker="o", label=display(system))
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.legend()
 
-    s.figures.append(
-        Figure(
-            "engine_variants.png",
-            "kvarray engine variants: tokens/s",
-            draw,
-            xlabel="sequences",
-            ylabel="tokens / s (median)",
-        )
-    )
-    return s
+    return Figure(name, title, draw, xlabel="sequences", ylabel="tokens / s (median)")
 
 
 def serving_section(results: Results) -> Section:
