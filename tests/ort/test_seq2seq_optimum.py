@@ -9,12 +9,10 @@ branch, one sub-batch per past length (the decoder has no self-attention mask).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from ort_models import T5, WHISPER
+from ort_models import T5, WHISPER, seq2seq_reference
 
 from kvarray.errors import UnsupportedModel
-from kvarray.export.reference import reference_sources
 from kvarray.ort import SamplingParams
 from kvarray.ort.optimum_seq2seq import OptimumSeq2SeqRunner
 from kvarray.ort.seq2seq import Seq2SeqConfig, Seq2SeqEngine, Seq2SeqRunner
@@ -27,11 +25,7 @@ MODELS = {"t5": T5, "whisper": WHISPER}
 @pytest.fixture(scope="module", params=["t5", "whisper"])
 def model(request: pytest.FixtureRequest) -> tuple[str, list, list[list[int]], list[list[int]]]:
     """(architecture, encoder sources, decoder prompts, expected greedy tokens) of one tiny model."""
-    ref = dict(np.load(MODELS[request.param] / "reference.npz"))
-    count = len([n for n in ref if n.startswith("prompt_")])
-    prompts = [ref[f"prompt_{k}"].tolist() for k in range(count)]
-    expected = [ref[f"generated_{k}"].tolist() for k in range(count)]
-    return request.param, reference_sources(ref), prompts, expected
+    return seq2seq_reference(request.param)
 
 
 def optimum(arch: str, **config: object) -> Seq2SeqEngine:
