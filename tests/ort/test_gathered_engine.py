@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from ort_models import NEW_TOKENS, TINY
+from ort_models import NEW_TOKENS, TINY, eight_arrivals, run_arrivals
 
 from kvarray import CausalCache, KVSpec
 from kvarray.errors import ConfigError, GraphMismatch, ShapeMismatch, UnsupportedModel
@@ -67,26 +67,6 @@ def engine(folder: Path, **options) -> Engine:
         **options,
     }
     return Engine.from_model_dir(folder, EngineConfig(**config))
-
-
-def run_arrivals(eng: Engine, arrivals: dict[int, list[list[int]]]) -> dict[int, list[int]]:
-    """Step the engine, adding the prompts of `arrivals` (step -> prompts) at their steps; the outputs."""
-    ids: dict[int, int] = {}
-    step = 0
-    while step <= max(arrivals) or eng.has_work:
-        for prompt in arrivals.get(step, []):
-            ids[len(ids)] = eng.add_request(prompt, GREEDY)
-        eng.step()
-        step += 1
-    return {k: eng.pop(rid).output for k, rid in ids.items()}
-
-
-def eight_arrivals(prompts: list[list[int]]) -> dict[int, list[list[int]]]:
-    """Request k (prompt k % 3) arrives at step [0, 0, 1, 2, 3, 5, 8, 13][k]."""
-    arrivals: dict[int, list[list[int]]] = {}
-    for k, step in enumerate([0, 0, 1, 2, 3, 5, 8, 13]):
-        arrivals.setdefault(step, []).append(prompts[k % 3])
-    return arrivals
 
 
 # -- greedy outputs against transformers ------------------------------------------------------------------

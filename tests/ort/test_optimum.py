@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ort_models import NEW_TOKENS, TINY
+from ort_models import NEW_TOKENS, TINY, eight_arrivals, run_arrivals
 
 from kvarray.errors import GraphMismatch
 from kvarray.export import export
@@ -28,26 +28,6 @@ OPTIMUM = TINY / "optimum" / "model.onnx"
 def optimum(**options) -> Engine:
     config = {"capacity": 512, "max_sequences": 8, "prefill_chunk": 4, "threads": 1, **options}
     return Engine.from_model_dir(TINY, EngineConfig(**config), graph=GraphKind.OPTIMUM)
-
-
-def run_arrivals(eng: Engine, arrivals: dict[int, list[list[int]]]) -> dict[int, list[int]]:
-    """Step the engine, adding the prompts of `arrivals` (step -> prompts) at their steps; outputs."""
-    ids: dict[int, int] = {}
-    step = 0
-    while step <= max(arrivals) or eng.has_work:
-        for prompt in arrivals.get(step, []):
-            ids[len(ids)] = eng.add_request(prompt, GREEDY)
-        eng.step()
-        step += 1
-    return {k: eng.pop(rid).output for k, rid in ids.items()}
-
-
-def eight_arrivals(prompts: list[list[int]]) -> dict[int, list[list[int]]]:
-    """Request k (prompt k % 3) arrives at step [0, 0, 1, 2, 3, 5, 8, 13][k]."""
-    arrivals: dict[int, list[list[int]]] = {}
-    for k, step in enumerate([0, 0, 1, 2, 3, 5, 8, 13]):
-        arrivals.setdefault(step, []).append(prompts[k % 3])
-    return arrivals
 
 
 def teacher_forced_logits(eng: Engine, tokens: list[int], seq: int) -> np.ndarray:
