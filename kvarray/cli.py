@@ -97,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="folder to write the graphs into")
     export.add_argument("--arch", required=True, choices=["llama", "t5", "whisper"])
     export.add_argument("--kv-dtype", default="float32", choices=["float32", "float16", "int8"])
-    export.add_argument("--view", default="pool", choices=["pool", "gathered"])
+    export.add_argument(
+        "--view",
+        default="pool",
+        choices=["pool", "gathered", "decode"],
+        help="the past the graph reads: the pool view, the gathered view, or the decode view (Llama only: "
+        "GroupQueryAttention, one token per sequence; the twin of the pool graph, see docs/export.md)",
+    )
     export.set_defaults(run=_export)
     from .ort.cli_generate import add_generate_arguments
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .binding import Binder, OutputBuffers, device_name, is_zero_copy
-from .engine import Engine, EngineConfig, EngineMetrics, GraphKind, KVDtype, NativeRunner, Runner
+from .core import EngineMetrics
+from .engine import Engine, EngineConfig, GraphKind, KVDtype, NativeRunner, Runner
 from .names import CONVENTIONS, Convention, check_names, match_convention
 from .optimum import OptimumRunner
 from .sampling import SamplingParams

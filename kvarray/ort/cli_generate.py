@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "native", "optimum"],
         help="native/decoder_step.pool.{kv-dtype}.onnx, optimum/model.onnx, or auto (native when present)",
+    )
+    parser.add_argument(
+        "--view",
+        default="auto",
+        choices=["pool", "gathered", "auto"],
+        help="the native graphs' view: pool (decoder_step.pool.*), gathered (decoder_step.gathered.*), or "
+        "auto (the pool graph, and its decode- or gathered-view twin for decode passes when the folder has "
+        "one); see docs/engine.md, Views",
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--batch-file", help="a text file of prompts, one per line (empty lines skipped)")
@@ -88,12 +96,22 @@ def _check_model_dir(model_dir: str) -> None:
         read_config(config)
 
 
+def _views(runner: Any) -> str:
+    """`` (view pool)`` for a native graph of one view, `` (views pool 3, decode 39)`` for a pool graph and
+    its twin (the passes run on each), empty for an Optimum graph."""
+    passes = getattr(runner, "passes", None)
+    if passes:
+        return " (views " + ", ".join(f"{view.value} {count}" for view, count in passes.items()) + ")"
+    view = getattr(runner, "view", None)
+    return f" (view {view.value})" if view is not None else ""
+
+
 def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run `kvarray generate`; returns the exit status (2 without any prompt, 1 on an error or a failed
     request)."""
     from ..cli import error_line
     from ..errors import KVArrayError
-    from .engine import Engine, EngineConfig, GraphKind, KVDtype
+    from .engine import Engine, EngineConfig, GraphKind, KVDtype, ViewChoice
     from .sampling import SamplingParams
     from .scheduler import FinishReason
 
@@ -117,6 +135,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
             window=args.window,
             sinks=args.sinks,
             threads=args.threads,
+            view=ViewChoice(args.view),
         )
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -184,7 +203,8 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
         f"{(m.prefill_tokens + m.decode_tokens) / elapsed:.1f} tok/s processed\n"
         f"steps {m.steps}, prefill tokens {m.prefill_tokens} (shared, not recomputed: {m.shared_tokens}), "
         f"decode tokens {m.decode_tokens}, Python overhead {100 * m.overhead_share:.1f} % of step time\n"
-        f"graph: {engine.runner.kind}, cache: {args.kv_dtype}, {stats.bytes_per_token} B/token, "
+        f"graph: {engine.runner.kind}{_views(engine.runner)}, cache: {args.kv_dtype}, "
+        f"{stats.bytes_per_token} B/token, "
         f"pools {mib:.2f} MiB for {stats.capacity} cells, peak cells {m.peak_cells} ({peak_mib:.2f} MiB), "
         f"peak n_kv {m.peak_n_kv}, "
         f"fragmentation now {stats.fragmentation:.2f}, defrags {stats.defrags}",

@@ -15,7 +15,6 @@ encoder and decoder times, tokens/s and both caches' memory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,12 +43,12 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _byte_tokenizer(model_dir: Path) -> Any:
     """The folder's byte-level tokenizer, or None (no tokenizer.json, or another kind of vocabulary)."""
-    from .tokenizer import ByteTokenizer
+    from .tokenizer import ByteTokenizer, read_tokenizer_json
 
     path = model_dir / "checkpoint" / "tokenizer.json"
     if not path.is_file():
         return None
-    return ByteTokenizer.from_json(json.loads(path.read_text(encoding="utf-8")))
+    return ByteTokenizer.from_json(read_tokenizer_json(path))
 
 
 def run_transcribe(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -8,6 +8,8 @@ names a session has; `check_names` checks a session against one convention and a
     native          kvarray's own graphs (docs/export.md): past_key.{i} / new_key.{i}
     native-int8     the same with past_key_scale.{i} / past_value_scale.{i}
     native-gathered the gathered view, with token_sequence
+    native-decode   the decode view (Llama, GroupQueryAttention): seqlens_k, no bias; past_key.{i} ->
+                    present_key.{i} (bound to the same buffers)
     native-seq2seq  T5 / Whisper decoder steps: cross_key.{i}, cross_bias (T5 adds past_position_ids)
     optimum         Optimum decoder-only: past_key_values.{i}.key -> present.{i}.key
     optimum-seq2seq Optimum encoder-decoder (T5): past_key_values.{i}.decoder.key / .encoder.key, with
@@ -23,7 +25,15 @@ from dataclasses import dataclass
 
 from ..errors import GraphMismatch
 
-__all__ = ["CONVENTIONS", "Convention", "Match", "check_names", "convention", "match_convention"]
+__all__ = [
+    "CONVENTIONS",
+    "DECODE_NAMES",
+    "Convention",
+    "Match",
+    "check_names",
+    "convention",
+    "match_convention",
+]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,16 @@ class Convention:
 _NATIVE_IN = ("input_ids", "position_ids", "attention_bias", "logits_index")
 _NATIVE_OUT = ("logits",)
 _NATIVE_LAYER_OUT = ("new_key.{i}", "new_value.{i}")
+#: the names of a decode-view decoder step (kvarray.export, `View.DECODE`): one token per sequence, each
+#: sequence's past length in seqlens_k [S] int32 instead of a bias, past_key.{i} [S, H, L, D] written in
+#: place through present_key.{i}
+DECODE_NAMES = Convention(
+    "native-decode",
+    ("input_ids", "position_ids", "seqlens_k", "logits_index"),
+    _NATIVE_OUT,
+    ("past_key.{i}", "past_value.{i}"),
+    ("present_key.{i}", "present_value.{i}"),
+)
 _OPT_SEQ_LAYER_IN = (
     "past_key_values.{i}.decoder.key",
     "past_key_values.{i}.decoder.value",
@@ -94,6 +114,7 @@ CONVENTIONS: dict[str, Convention] = {
             ("past_key.{i}", "past_value.{i}"),
             _NATIVE_LAYER_OUT,
         ),
+        DECODE_NAMES,
         Convention("native", _NATIVE_IN, _NATIVE_OUT, ("past_key.{i}", "past_value.{i}"), _NATIVE_LAYER_OUT),
         Convention(
             "optimum-seq2seq",

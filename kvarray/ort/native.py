@@ -40,7 +40,7 @@ from ..export.attention import View as GraphView
 from ..spec import KVSpec
 from ..views import NEG_INF, ForwardPlan, GatheredView, PoolView
 from .binding import Binder, OutputBuffers
-from .names import Convention, check_names, convention
+from .names import DECODE_NAMES, check_names, convention
 from .runner import Runner
 from .scheduler import Batch
 
@@ -62,14 +62,6 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 #: the cache storages a gathered- or decode-view graph of a given past dtype reads (the gather dequantizes
 #: int8 to the spec's float32)
 GATHERED_STORAGE = {"float32": ("float32", "int8"), "float16": ("float16",)}
-#: the names of a decode-view decoder step (kvarray.export, `View.DECODE`)
-DECODE_NAMES = Convention(
-    "native-decode",
-    ("input_ids", "position_ids", "seqlens_k", "logits_index"),
-    ("logits",),
-    ("past_key.{i}", "past_value.{i}"),
-    ("present_key.{i}", "present_value.{i}"),
-)
 
 
 def row_mismatches(spec: KVSpec, args: list[Any]) -> list[str]:
@@ -231,18 +223,24 @@ def gathered_bias_before_put(plan: ForwardPlan, out: np.ndarray | None = None) -
 
 
 def pool_window(plan: ForwardPlan, multiple: int = 32) -> tuple[int, int]:
-    """The pool cells ``[lo, hi)`` a pool-view pass needs: from the lowest to the highest cell of the
-    batch's cell tables (this pass's cells included), rounded out to `multiple`, within ``[0, n_kv)``;
-    ``(0, n_kv)`` unless that saves at least a quarter of the n_kv columns.
+    """The pool cells ``[lo, hi)`` a pool-view pass needs: from the lowest to the highest cell that the
+    batch's sequences held before this pass (this pass's own cells are masked in the past block anyway),
+    rounded out to `multiple`, within ``[0, n_kv)``; the first `multiple` cells when they held none (a
+    pass of new prompts: its past block is masked whole); ``(0, n_kv)`` unless the window saves at least
+    a quarter of the n_kv columns.
 
     A pool-view graph scores every token against every past column it is given, so a pass over a few of
     many sequences (a prompt chunk while others run, a prefill pass of 4 of 16 new prompts) reads a slice
-    of the pool: the cells it skips all belong to other sequences and are masked anyway. The slice is
-    still the pool's own memory (zero-copy); the bias is cut to match.
+    of the pool: the cells it skips all belong to other sequences or to this pass, and are masked anyway.
+    The slice is still the pool's own memory (zero-copy); the bias is cut to match.
     """
     cells = plan.page_table.kv_indices
-    if cells.size == 0:
-        return 0, plan.n_kv
+    if len(cells) > plan.num_tokens:  # some past: the cells of the tables that this pass did not take
+        cells = cells[~np.isin(cells, plan.slot_mapping, assume_unique=True)]
+    else:  # every cell of the batch's tables is this pass's (new prompts, or their first chunks)
+        cells = cells[:0]
+    if cells.size == 0:  # no past: the first `multiple` cells, all masked (no zero-length tensors)
+        return 0, min(multiple, plan.n_kv)
     lo = int(cells.min()) // multiple * multiple
     hi = min(plan.n_kv, -(-(int(cells.max()) + 1) // multiple) * multiple)
     return (lo, hi) if 4 * (hi - lo) <= 3 * plan.n_kv else (0, plan.n_kv)
@@ -532,6 +530,9 @@ class ViewSwitch(Runner):
     """
 
     kind = "native"
+    # a pass mixing prompt chunks with decode tokens would run on the pool graph, each decode token scoring
+    # every past cell of the pool window: decode passes of their own run on the twin
+    split_prefill = True
 
     def __init__(self, pool: NativeRunner, twin: NativeRunner, min_sequences: int | None = None) -> None:
         if pool.view is not GraphView.POOL or twin.view is GraphView.POOL:

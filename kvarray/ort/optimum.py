@@ -21,7 +21,6 @@ one long chunk does not pad every decode row to its length. Both read the same g
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +30,7 @@ import onnxruntime as ort
 
 from ..causal import CausalCache
 from ..errors import GraphMismatch
+from ..export import read_config
 from ..spec import KVSpec
 from ..views import ForwardPlan, GatheredView
 from .binding import Binder
@@ -63,12 +63,12 @@ TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_tok
 
 def read_tokens(folder: Path) -> dict[str, Any]:
     """``bos/eos/pad/decoder_start_token_id`` of an export folder's generation_config.json, else its
-    config.json."""
+    config.json. Raises `ModelFileError` for a file that is not a JSON object."""
     tokens: dict[str, Any] = {}
     for name in ("config.json", "generation_config.json"):  # the second wins
         path = folder / name
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_config(path)
             tokens.update({k: data[k] for k in TOKEN_KEYS if k in data})
     return tokens
 

@@ -37,7 +37,6 @@ pools in place).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -47,6 +46,7 @@ import onnxruntime as ort
 
 from ..encdec import EncDecPlan, EncoderDecoderCache
 from ..errors import GraphMismatch, UnsupportedModel
+from ..export import read_config
 from ..views import GatheredView
 from .binding import Binder
 from .names import check_names, convention, match_convention
@@ -76,7 +76,7 @@ def optimum_architecture(session: ort.InferenceSession, folder: Path) -> tuple[s
         )
     arch = _CONVENTIONS[name]
     config = folder / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    model_type = read_config(config).get("model_type") if config.is_file() else None
     if model_type is not None and model_type != arch:
         raise UnsupportedModel(
             f"{folder}: model_type {model_type!r} with {name!r} names; the seq2seq engine runs "

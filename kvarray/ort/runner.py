@@ -47,6 +47,9 @@ class Runner(Protocol):
     binder: Binder
     info: GraphInfo | None  # kvarray's metadata of the (decoder) graph; None for Optimum exports
     new_keys: list[np.ndarray]  # the last pass's new keys [T, H, D] per layer, as put into the cache
+    # keep prompt chunks and decode tokens in passes of their own (`Scheduler`'s split_prefill): for a
+    # runner whose decode passes read a cheaper graph than mixed passes do
+    split_prefill: bool = False
 
     def forward(self, cache: Any, plan: Any, batch: Batch) -> tuple[np.ndarray, float]: ...
 

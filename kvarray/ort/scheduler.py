@@ -72,6 +72,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     computed: int = 0
     shared: int = 0
+    fed_at: int = 0  # the last committed pass that fed it (`Scheduler.next_batch`'s order when over budget)
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
 
@@ -130,6 +131,11 @@ class Scheduler:
         prefill_chunk: prompt tokens one request feeds per pass at most.
         max_batch_tokens: tokens per pass at most (decode tokens first, then prefill chunks).
         prefix_sharing: share the cells of the longest common prefix a running request holds.
+        split_prefill: never mix decode tokens and prompt chunks in one pass: while some requests decode
+            and others prefill, passes alternate between the two kinds (a prompt pass first). For
+            runners whose decode passes read a cheaper graph than their prompt passes (the engine's
+            "auto" view: a mixed pass runs on the pool-view graph, where each decode token scores every
+            past cell of the window); False: each pass takes every decode token, then prompt chunks.
     """
 
     def __init__(
@@ -139,12 +145,16 @@ class Scheduler:
         prefill_chunk: int,
         max_batch_tokens: int,
         prefix_sharing: bool,
+        split_prefill: bool = False,
     ) -> None:
         self.capacity = capacity
         self.max_sequences = max_sequences
         self.prefill_chunk = max(1, int(prefill_chunk))  # the engine refuses values < 1 (ConfigError)
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.prefix_sharing = prefix_sharing
+        self.split_prefill = split_prefill
+        self._prompt_pass_last = False  # split_prefill: the last pass fed prompt chunks
+        self._passes = 0  # passes committed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -208,16 +218,24 @@ class Scheduler:
         """
         budget = self.max_batch_tokens
         running = self.running if only is None else [r for r in only if r.state is RequestState.RUNNING]
-        if running and len(running) <= budget and all(r.computed >= len(r.prompt) for r in running):
-            return self._decode_batch(running)  # the common step: one token per request
+        decoding = [r for r in running if r.prefilled]
+        prompting = [r for r in running if not r.prefilled]
+        feed_prompts = bool(prompting)
+        if self.split_prefill and decoding and prompting:  # alternate the two kinds, prompts first
+            feed_prompts = not self._prompt_pass_last
+        self._prompt_pass_last = feed_prompts
+        if decoding and not feed_prompts and len(decoding) <= budget:
+            return self._decode_batch(decoding)  # the common step: one token per request
+        if len(decoding) > budget:  # not every decode token fits: the longest-waiting ones first
+            decoding.sort(key=lambda r: r.fed_at)
         parts: list[tuple[Request, np.ndarray]] = []
-        for req in running:
-            if req.prefilled and budget > 0:
+        for req in decoding if not (self.split_prefill and feed_prompts) else ():
+            if budget > 0:
                 parts.append((req, np.asarray(req.output[-1:], np.int64)))
                 budget -= 1
         decode_tokens = len(parts)
-        for req in running:
-            if not req.prefilled and budget > 0:
+        for req in prompting if feed_prompts else ():
+            if budget > 0:
                 n = min(self.prefill_chunk, len(req.prompt) - req.computed, budget)
                 parts.append((req, req.prompt[req.computed : req.computed + n]))
                 budget -= n
@@ -266,9 +284,11 @@ class Scheduler:
         Args:
             context: positions the model takes (None: unbounded, e.g. with a window).
         """
+        self._passes += 1
         for req, n in batch.fed:
             if not req.finished:
                 req.computed += n
+                req.fed_at = self._passes
         events = []
         for req, token in zip(batch.sampled, tokens, strict=True):
             if req.finished or token is None:

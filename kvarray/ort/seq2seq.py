@@ -14,7 +14,7 @@ view ``[n_kv, H, D]`` and ``attention_bias [T, n_kv + T]`` (before-put form), th
 and ``cross_bias [T, M]`` and, for T5, ``past_position_ids [n_kv]`` (the cells' positions). A finished
 request is removed from both caches at once.
 
-`Seq2SeqEngine` is the Llama engine's request lifecycle (`kvarray.ort.engine.EngineCore`: admission,
+`Seq2SeqEngine` is the Llama engine's request lifecycle (`kvarray.ort.core.EngineCore`: admission,
 steps, sampling, streaming, cancel, metrics) over a `Seq2SeqRunner`, which adds what differs: the encoder
 pass of admitted requests, the cross binding, and freeing encoder entries (the `Runner` hooks). Details:
 docs/engine.md, "T5 and Whisper".
@@ -22,7 +22,7 @@ docs/engine.md, "T5 and Whisper".
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,10 +36,11 @@ from ..causal import CausalCache
 from ..encdec import EncDecPlan, EncDecStats, EncoderDecoderCache
 from ..encoder import EncoderCache
 from ..errors import ConfigError, EmptyPrompt, GraphMismatch, PromptTooLong, ShapeMismatch, UnsupportedModel
-from ..export import GraphInfo, read_metadata
+from ..export import GraphInfo, read_config, read_metadata
 from ..views import NEG_INF, CrossView
 from .audio import log_mel, split_windows
-from .engine import EngineCore, EngineMetrics, GraphKind, check_tokens, open_session
+from .core import EngineCore, EngineMetrics, check_tokens
+from .engine import GraphKind, open_session
 from .names import check_names, convention, match_convention
 from .native import NativeStepRunner, row_mismatches, step_mismatches
 from .runner import Runner
@@ -66,7 +67,7 @@ class Seq2SeqConfig:
         max_encoder_batch: sequences per encoder pass at most (admitted requests are encoded in chunks).
         cross_dtype: storage of the cross K/V: "float32" is bound zero-copy into the float32 graphs;
             "float16" / "int8" halve / quarter the memory and are converted to float32 each step.
-        threads, kernel_threads, defrag_threshold: as `EngineConfig`.
+        threads, spin, kernel_threads, defrag_threshold: as `EngineConfig`.
     """
 
     capacity: int = 4096
@@ -77,6 +78,7 @@ class Seq2SeqConfig:
     max_encoder_batch: int = 8
     cross_dtype: str = "float32"
     threads: int = 0
+    spin: bool = True
     kernel_threads: int = 1
     defrag_threshold: float | None = 0.1
 
@@ -402,8 +404,8 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
         providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         self.config = config = config or Seq2SeqConfig()
-        self.encoder_session = open_session(encoder, config.threads, providers)
-        self.session = open_session(decoder, config.threads, providers)
+        self.encoder_session = open_session(encoder, config.threads, providers, spin=config.spin)
+        self.session = open_session(decoder, config.threads, providers, spin=config.spin)
         metrics = Seq2SeqMetrics()
         runner = _make_seq2seq_runner(
             self.encoder_session, self.session, Path(encoder), Path(decoder), config, metrics
@@ -448,8 +450,11 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
 
         `graph` (`GraphKind`): "native" loads ``native/encoder.onnx`` and ``decoder_step.pool.float32.onnx``,
         "optimum" ``optimum/encoder_model.onnx`` and ``decoder_model_merged.onnx``, "auto" the native pair
-        when the folder has it, else the Optimum one. Raises `UnsupportedModel` (no such graphs; the
-        message says how to export them).
+        when the folder has it, else the Optimum one.
+
+        Raises `UnsupportedModel` (no such graphs; the message says how to export them), `ModelFileError`
+        (a config.json that is not a JSON object: cut short, not UTF-8, a list;
+        `kvarray.export.read_config`), and what the constructor raises.
         """
         folder = Path(model_dir)
         kind = GraphKind(graph)
@@ -474,7 +479,7 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
         if "context" not in kwargs:
             for config_json in (folder / "checkpoint" / "config.json", folder / "optimum" / "config.json"):
                 if config_json.is_file():
-                    kwargs["context"] = json.loads(config_json.read_text()).get("max_target_positions")
+                    kwargs["context"] = read_config(config_json).get("max_target_positions")
                     break
         return cls(pair[0], pair[1], config, **kwargs)
 
@@ -505,9 +510,8 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
         """
         src = self.runner.check_source(source)
         ids = [self.decoder_start_token_id] if prompt is None else prompt
-        req = self._queue(ids, params, on_token, "decoder prompt")
-        self.runner.keep_source(req.id, src)
-        return req.id
+        keep = functools.partial(self.runner.keep_source, source=src)  # before the request can be admitted
+        return self._queue(ids, params, on_token, "decoder prompt", keep).id
 
     def generate(
         self,

@@ -12,11 +12,11 @@ lone surrogates such as ``sys.argv`` holds for such bytes) raises `InvalidUTF8` 
 from __future__ import annotations
 
 import codecs
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import InvalidUTF8, TokenizerError
+from ..errors import InvalidUTF8, ModelFileError, TokenizerError
+from ..export import read_config
 
 __all__ = [
     "ByteTokenizer",
@@ -24,6 +24,7 @@ __all__ = [
     "Tokenizer",
     "byte_level_alphabet",
     "load_tokenizer",
+    "read_tokenizer_json",
     "utf8_bytes",
 ]
 
@@ -192,6 +193,20 @@ class _HFStream:
         return new
 
 
+def read_tokenizer_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a tokenizer.json file, read by `kvarray.export.read_config` (the checkpoint's
+    config reader).
+
+    Raises `TokenizerError` (its cause the reader's `ModelFileError`): no such file, not UTF-8 JSON,
+    truncated, or not an object.
+    """
+    path = Path(path)
+    try:
+        return read_config(path)
+    except ModelFileError as exc:
+        raise TokenizerError(f"{path.name} is not a JSON tokenizer file: {exc}") from exc
+
+
 def load_tokenizer(folder: str | Path) -> ByteTokenizer | _HFTokenizer:
     """The tokenizer of ``folder/tokenizer.json`` (see the module docstring).
 
@@ -202,12 +217,7 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | _HFTokenizer:
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"no tokenizer.json in {folder}")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path} is not a JSON tokenizer file (truncated, corrupted?): {exc}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    data = read_tokenizer_json(path)
     byte_level = ByteTokenizer.from_json(data)
     if byte_level is not None:
         return byte_level

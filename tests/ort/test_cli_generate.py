@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from ort_models import TRAINED
 
 from kvarray.cli import main
@@ -71,3 +73,44 @@ def test_generate_reports_errors(capsys):
     assert main(["generate", str(TRAINED)]) == 2
     assert main(["generate", str(TRAINED), "--prompt", "x" * 1100]) == 1
     assert "PromptTooLong" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def views_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny Llama's folder (links to its checkpoint and pool graphs) plus its gathered- and
+    decode-view graphs, exported with `kvarray export --view`."""
+    root = tmp_path_factory.mktemp("tiny-llama-views")
+    (root / "checkpoint").symlink_to(TRAINED / "checkpoint")
+    (root / "native").mkdir()
+    for graph in (TRAINED / "native").glob("decoder_step.pool.*.onnx"):
+        (root / "native" / graph.name).symlink_to(graph)
+    for view in ("gathered", "decode"):
+        argv = ["export", str(root / "checkpoint"), str(root / "native"), "--arch", "llama", "--view", view]
+        assert main(argv) == 0
+    return root
+
+
+# (--view, what the summary says of the passes: 18 prompt tokens in one pass, then 39 decode passes)
+VIEWS = [
+    ("pool", "graph: native (view pool), cache: float32"),
+    ("gathered", "graph: native (view gathered), cache: float32"),
+    ("auto", "graph: native (views pool 1, decode 39), cache: float32"),
+]
+
+
+@pytest.mark.parametrize("view, summary", VIEWS, ids=[v[0] for v in VIEWS])
+def test_generate_gives_the_same_greedy_text_with_each_view(views_folder, capsys, view, summary):
+    sample = json.loads((TRAINED / "metrics.json").read_text())["greedy_sample"]
+    argv = ["generate", str(views_folder), "--prompt", sample["prompt"], "--max-new-tokens", "40"]
+    assert main([*argv, "--threads", "1", "--view", view]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == sample["prompt"] + sample["continuation"][:40] + "\n"
+    assert summary in captured.err
+
+
+def test_generate_with_a_view_the_folder_lacks_says_how_to_export_it(capsys):
+    assert main(["generate", str(TRAINED), "--prompt", "x", "--view", "gathered", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("kvarray generate: UnsupportedModel: ")
+    assert "decoder_step.gathered.float32.onnx not found" in err and "--view gathered" in err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from ort_models import NEW_TOKENS, TINY
 
+from kvarray.errors import ConfigError
 from kvarray.ort import Engine, EngineConfig, FinishReason, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS)
@@ -163,3 +164,17 @@ def test_seq2seq_engine_shares_the_engine_lifecycle():
 
     for name in ("step", "stream", "cancel", "pop", "request", "_step", "_admit", "_free"):
         assert getattr(Seq2SeqEngine, name) is getattr(Engine, name) is getattr(EngineCore, name)
+
+
+@pytest.mark.parametrize("spin", [True, False])
+def test_spin_sets_onnx_runtimes_idle_thread_policy(prompts, expected, spin):
+    eng = engine(spin=spin)
+    options = eng.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    assert eng.generate([prompts[0]], GREEDY) == [expected[0]]
+
+
+def test_spin_must_be_a_bool():
+    with pytest.raises(ConfigError, match="spin must be True or False, got 0"):
+        engine(spin=0)
+

@@ -397,3 +397,44 @@ def test_pool_view_binds_only_the_cells_of_the_batchs_sequences(prompts, expecte
     for _ in eng.stream():
         pass
     assert eng.pop(short).output == expected[0]
+
+
+def test_pool_view_pass_of_new_prompts_reads_no_past(prompts, expected):
+    """Three new prompts (7, 12 and 60 tokens) prefilled in one pass hold no cells before it: the pass
+    binds a past of 32 cells only (``[32, H, D]``, bias ``[T, 32 + T]``: all masked but the causal block
+    within each prompt), not the 96 cells of n_kv; the next pass, a decode of all three, reads their cells
+    again. The two reference prompts' tokens are the reference's."""
+    config = EngineConfig(capacity=512, max_sequences=8, prefill_chunk=256, threads=1, defrag_threshold=None)
+    eng = Engine.from_model_dir(TINY, config, graph="native")
+    ids = [eng.add_request(p, GREEDY) for p in (prompts[0], prompts[1], prompts[1] * 5)]
+    eng.step()
+    count = len(prompts[0]) + 6 * len(prompts[1])
+    assert pool_window(eng.cache.plan) == (0, 32) and eng.cache.plan.n_kv == 96
+    assert eng.binder.bound("past_key.0").shape == (32, 2, 16)
+    assert eng.binder.bound("attention_bias").shape == (count, 32 + count)
+    eng.step()
+    assert pool_window(eng.cache.plan) == (0, eng.cache.plan.n_kv)
+    assert eng.binder.bound("past_key.0").shape[0] == eng.cache.plan.n_kv
+    for _ in eng.stream():
+        pass
+    assert [eng.pop(i).output for i in ids[:2]] == expected[:2]
+
+
+@pytest.mark.parametrize("view", ["auto", "pool"])
+def test_view_switch_keeps_prompt_and_decode_passes_apart(folder, prompts, expected, view):
+    """With a twin ("auto") no pass mixes decode tokens with prompt chunks (the scheduler's
+    split_prefill); on the pool graph alone, passes mix them. The outputs are the reference's either way."""
+    eng = engine(folder, view=view)
+    assert eng.scheduler.split_prefill is (view == "auto") is isinstance(eng.runner, ViewSwitch)
+    kinds = []
+    forward = eng.runner.forward
+
+    def recording(cache, plan, batch):
+        kinds.append((batch.prefill_tokens > 0, batch.decode_tokens > 0))
+        return forward(cache, plan, batch)
+
+    eng.runner.forward = recording
+    outputs = run_arrivals(eng, {0: [prompts[0]], 2: [prompts[1]], 4: [prompts[2]]}, GREEDY)
+    assert [outputs[k] for k in range(3)] == expected[:3]
+    assert ((True, True) in kinds) is (view == "pool")
+    assert (True, False) in kinds and (False, True) in kinds

@@ -6,6 +6,7 @@ was expected, nothing is queued, and the engine then serves other requests exact
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_helpers (no conftest here)
 
-from engine_helpers import GRAPH, GREEDY, TINY, config, copy_model, engine, reference  # noqa: E402
+from engine_helpers import GRAPH, GREEDY, T5, TINY, config, copy_model, engine, reference  # noqa: E402
 
 from kvarray.errors import (  # noqa: E402
     ConfigError,
@@ -31,7 +32,7 @@ from kvarray.errors import (  # noqa: E402
     UnsupportedModel,
 )
 from kvarray.export import MissingModelFile, ModelFileError  # noqa: E402
-from kvarray.ort import Engine, EngineConfig, SamplingParams  # noqa: E402
+from kvarray.ort import Engine, EngineConfig, SamplingParams, Seq2SeqEngine  # noqa: E402
 
 PROMPTS, EXPECTED = reference()
 
@@ -224,6 +225,96 @@ def test_engine_hostile_model_files_and_options_26_cases(tmp_path, case):
     with pytest.raises(error, match=message) as caught:
         build(tmp_path)
     assert isinstance(caught.value, KVArrayError)
+
+
+# ---- a damaged config.json in a model folder: both engines ----------------------------------------------
+WHISPER = T5.parent / "tiny-whisper-random"
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def make_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def make_binary(path: Path) -> None:
+    path.write_bytes(b"\xff\xfe\x00{")
+
+
+def make_a_list(path: Path) -> None:
+    path.write_text(json.dumps([1, 2, 3]))
+
+
+def engine_over(damage, relative: str = "checkpoint/config.json"):
+    def build(tmp: Path) -> Engine:
+        folder = copy_model(tmp)
+        damage(folder / relative)
+        return Engine.from_model_dir(folder, config())
+
+    return build
+
+
+def seq2seq_over(model: Path, damage, graph: str = "native"):
+    """`Seq2SeqEngine.from_model_dir` over a copy of `model` whose config.json is damaged: the checkpoint's
+    (native graphs), or the Optimum export's in a folder that has no checkpoint/ (graph "optimum")."""
+
+    def build(tmp: Path) -> Seq2SeqEngine:
+        if graph == "optimum":
+            folder = tmp / model.name
+            shutil.copytree(model / "optimum", folder / "optimum")
+            damage(folder / "optimum" / "config.json")
+        else:
+            folder = copy_model(tmp, model)
+            damage(folder / "checkpoint" / "config.json")
+        return Seq2SeqEngine.from_model_dir(folder, graph=graph)
+
+    return build
+
+
+def optimum_over(damage, name: str):
+    """`Engine.from_model_dir(graph="optimum")` over a copy of the tiny Llama's Optimum export (no
+    checkpoint/) whose `name` (config.json or generation_config.json) is damaged."""
+
+    def build(tmp: Path) -> Engine:
+        folder = tmp / TINY.name
+        shutil.copytree(TINY / "optimum", folder / "optimum")
+        damage(folder / "optimum" / name)
+        return Engine.from_model_dir(folder, config(), graph="optimum")
+
+    return build
+
+
+# (case, build, what the message says): each a `ModelFileError` naming the file, not a JSONDecodeError
+DAMAGED_CONFIGS = [
+    ("Llama, config cut at half", engine_over(cut_in_half), r"checkpoint/config.json is not valid JSON \(truncated or corrupted\?\)"),
+    ("Llama, empty config", engine_over(make_empty), "config.json is not valid JSON"),
+    ("Llama, binary config", engine_over(make_binary), "config.json is not valid JSON"),
+    ("Llama, config a list", engine_over(make_a_list), "config.json holds a JSON list, expected an object"),
+    ("T5, config cut at half", seq2seq_over(T5, cut_in_half), r"checkpoint/config.json is not valid JSON"),
+    ("T5, config a list", seq2seq_over(T5, make_a_list), "holds a JSON list, expected an object"),
+    ("Whisper, binary config", seq2seq_over(WHISPER, make_binary), "config.json is not valid JSON"),
+    ("T5 Optimum, config cut", seq2seq_over(T5, cut_in_half, "optimum"), r"optimum/config.json is not valid JSON"),
+    ("Llama Optimum, config cut", optimum_over(cut_in_half, "config.json"), r"optimum/config.json is not valid JSON"),
+    ("Llama Optimum, generation config a list", optimum_over(make_a_list, "generation_config.json"), "generation_config.json holds a JSON list"),
+]
+
+
+@pytest.mark.parametrize("case", DAMAGED_CONFIGS, ids=[c[0] for c in DAMAGED_CONFIGS])
+def test_both_engines_name_a_damaged_config_json_10_cases(tmp_path, case):
+    assert len(DAMAGED_CONFIGS) == 10
+    _, build, message = case
+    with pytest.raises(ModelFileError, match=message) as caught:
+        build(tmp_path)
+    assert not isinstance(caught.value, MissingModelFile)
+    assert not isinstance(caught.value, json.JSONDecodeError)
+
+
+def test_a_damaged_tokenizer_keeps_the_readers_error_as_its_cause(tmp_path):
+    with pytest.raises(TokenizerError, match="tokenizer.json is not a JSON tokenizer file: .* not valid JSON") as caught:
+        model_dir_with_a_corrupted_tokenizer(tmp_path)
+    assert isinstance(caught.value.__cause__, ModelFileError)
 
 
 def test_a_missing_graph_is_also_a_file_not_found_error(tmp_path):
