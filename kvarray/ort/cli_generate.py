@@ -53,6 +53,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)"
     )
+    parser.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="ONNX Runtime's idle threads sleep instead of spin-waiting (faster on a busy machine)",
+    )
     parser.add_argument("--max-sequences", type=int, default=16, help="requests running at once")
     parser.add_argument("--capacity", type=int, default=4096, help="cache cells")
     parser.add_argument("--prefill-chunk", type=int, default=256)
@@ -135,6 +140,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
             window=args.window,
             sinks=args.sinks,
             threads=args.threads,
+            spin=not args.no_spin,
             view=ViewChoice(args.view),
         )
         params = SamplingParams(

@@ -114,3 +114,24 @@ def test_generate_with_a_view_the_folder_lacks_says_how_to_export_it(capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("kvarray generate: UnsupportedModel: ")
     assert "decoder_step.gathered.float32.onnx not found" in err and "--view gathered" in err
+
+
+@pytest.mark.parametrize("flags, spinning", [([], "1"), (["--no-spin"], "0")], ids=["spin", "no-spin"])
+def test_no_spin_reaches_the_sessions(monkeypatch, capsys, flags, spinning):
+    """`--no-spin` turns ONNX Runtime's spinning off on the engine's sessions; the text is the same."""
+    from kvarray.ort import engine as engine_module
+
+    seen = []
+    opened = engine_module.open_session
+
+    def recording(*args, **kwargs):
+        session = opened(*args, **kwargs)
+        seen.append(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        return session
+
+    monkeypatch.setattr(engine_module, "open_session", recording)
+    sample = json.loads((TRAINED / "metrics.json").read_text())["greedy_sample"]
+    argv = ["generate", str(TRAINED), "--prompt", sample["prompt"], "--max-new-tokens", "8", "--threads", "1"]
+    assert main([*argv, *flags]) == 0
+    assert capsys.readouterr().out == sample["prompt"] + sample["continuation"][:8] + "\n"
+    assert seen and set(seen) == {spinning}
