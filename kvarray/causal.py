@@ -17,7 +17,7 @@ import numpy as np
 
 from . import ops
 from .batch import group_batch
-from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows, host_rows
+from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows
 from .cells import Cells, round_up
 from .cellstate import DefragPlan, expand_runs
 from .errors import CacheClosed, ConfigError, NoForwardPass, PositionError, SpecMismatch
@@ -28,7 +28,6 @@ from .guard import (
     RowBackup,
     as_int,
     check_batch_values,
-    check_finite,
     check_layer_type,
     exclusive,
     exclusive_checked,
@@ -108,10 +107,11 @@ class CausalCache:
         group_size: values per int8 scale (must divide ``num_kv_heads * head_dim``).
         defrag_threshold: fragmentation above which `start_forward` compacts the pools first (None: never).
         xp: array namespace of the pools (numpy or cupy); None: `kvarray.xp.default_namespace()`.
-        check_finite: `put` refuses keys or values holding NaN or infinity (`NonFiniteValues`); about
-            4 microseconds per ``[64, 8, 64]`` float16 array on the host, a reduction and a
-            synchronisation on a device. False skips the check for float pools; int8 pools always check
-            (a NaN or infinity would quantize to garbage). See docs/reliability.md.
+        check_finite: `put` refuses keys or values holding NaN or infinity (`NonFiniteValues`); on the
+            host the scan runs in the kernel call that writes (about 3 microseconds for a decode step's
+            ``[64, 8, 64]`` float16 keys and values), on a device it is a reduction and a synchronisation.
+            False skips the check for float pools; int8 pools always check (a NaN or infinity would
+            quantize to garbage). See docs/reliability.md.
 
     One thread at a time: a call made while another thread is inside the cache raises `ConcurrentUse`.
     Refused calls change nothing; `defrag` and `shift` are all-or-nothing; a `put` that fails inside
@@ -147,12 +147,6 @@ class CausalCache:
         self.defrag_threshold = defrag_threshold
         self.xp = default_namespace() if xp is None else xp
         self.check_finite = bool(check_finite)
-        self._finite = tuple(self.check_finite or name == "int8" for name in self.kv_dtype)  # keys, values
-        self._scan_words = None  # both checked: one kernel call scans a put's host keys and values
-        if all(self._finite):
-            from .finite import word_scanner
-
-            self._scan_words = word_scanner(spec.dtype)
         self._row_shape, self._row_dtype = (spec.num_kv_heads, spec.head_dim), np.dtype(spec.dtype)
         self._cells = Cells(capacity, max_sequences, window, sinks)
         # storage: one entry per layer
@@ -165,9 +159,11 @@ class CausalCache:
                 self._pools[which].append(resident_zeros(self.xp, shape, name))
                 scales = resident_zeros(self.xp, scale_shape, SCALE_DTYPE) if name == "int8" else None
                 self._scales[which].append(scales)
-        # each layer's put: one prepared writer for its two pools (one kernel call where the backend can)
+        # each layer's put: one prepared writer for its two pools, which refuses NaN and infinity (int8
+        # pools always) before writing (one kernel call scans and writes where the backend can)
         self._writers = [
-            ops.kv_writer(self._pools[0][i], self._pools[1][i], self._scales[0][i], self._scales[1][i])
+            ops.kv_writer(self._pools[0][i], self._pools[1][i], self._scales[0][i], self._scales[1][i],
+                          finite=self.check_finite)
             for i in range(spec.num_layers)
         ]
         # this forward pass
@@ -175,8 +171,8 @@ class CausalCache:
         self._aborted: ForwardPlan | None = None  # the last pass `abort_forward` dropped
         self._slots = np.empty(0, np.int64)  # the plan's slot_mapping as the kernels' index dtype
         self._device = DeviceCopies(self.xp)
-        self._heads: tuple[int, list[tuple[Any, Any, Any, Any]]] = (0, [])  # (n_kv, each layer's slices)
-        self._views: dict[int, PoolView | PageTable] = {}  # this plan's: layer -> PoolView, -1 -> PageTable
+        self._heads: tuple[int, Any, list[PoolView]] = (0, None, [])  # (n_kv, bias, each layer's PoolView)
+        self._pages: PageTable | None = None  # this plan's page table, once asked for
         self._staging = StagingBuffers(self.xp)
         self._biases = StagingBuffers(np)  # the plans' biases: host arrays reused from pass to pass
         # counters
@@ -210,7 +206,7 @@ class CausalCache:
         return self._plan
 
     # ---- used by models --------------------------------------------------------------------------
-    @exclusive_checked(lambda cache, layer, keys, values: cache._check_put(layer, keys, values),
+    @exclusive_checked(lambda cache, layer, keys, values: check_layer_type(layer),
                        lambda cache: cache._abort_after_fault())
     def put(self, layer: int, keys: Any, values: Any) -> None:
         """Write this pass's keys and values of `layer` into the cells of ``plan.slot_mapping``.
@@ -221,8 +217,8 @@ class CausalCache:
                 the cache's side (keys after RoPE). Quantized on the way into an int8 pool.
 
         Raises `NoForwardPass` (no current plan; `StalePlan` after a management call), `IndexOutOfRange`
-        (layer), `ShapeMismatch` (rank, head shape or row count), `DTypeMismatch`. Nothing is written
-        unless both arrays pass.
+        (layer), `ShapeMismatch` (rank, head shape or row count), `DTypeMismatch`, `NonFiniteValues` (NaN
+        or infinity, see ``check_finite``). Nothing is written unless both arrays pass.
         """
         plan = self._current_plan()
         check_layer(layer, self.spec.num_layers)
@@ -231,7 +227,8 @@ class CausalCache:
         if count == 0:
             return
         # The plan's slot mapping was checked once in start_forward (distinct, in range) and the pools at
-        # construction, so the layer's writer runs directly: no per-layer scan of the indices.
+        # construction, so the layer's writer runs directly: no per-layer scan of the indices. It scans
+        # the rows for NaN and infinity in the call that writes them (NonFiniteValues: nothing written).
         self._writers[layer](arrays[0], arrays[1], self._device.get("slot_mapping", self._slots))
 
     @exclusive_checked(lambda cache, layer, view: check_layer_type(layer))
@@ -248,14 +245,13 @@ class CausalCache:
         """
         plan = self._current_plan()
         check_layer(layer, self.spec.num_layers)
-        kind = View.POOL if view is View.POOL or view == "pool" else View.parse(view)
-        if kind is not View.GATHERED:  # built once per plan: the pool view per layer, the page table once
-            key = layer if kind is View.POOL else -1
-            found = self._views.get(key)
-            if found is None:
-                found = self._pool_view(plan, layer) if key >= 0 else self._page_table(plan)
-                self._views[key] = found
-            return found
+        kind = View.parse(view)
+        if kind is View.POOL:  # the layers' views are kept while n_kv and the bias buffer stay the same
+            return self._pool_views(plan.n_kv, self._device.get("bias", plan.bias))[layer]
+        if kind is View.PAGES:  # built once per plan
+            if self._pages is None:
+                self._pages = self._page_table(plan)
+            return self._pages
         pages = plan.page_table
         lengths = plan.gathered_lengths
         width = int(lengths.max(initial=0))
@@ -306,9 +302,10 @@ class CausalCache:
         self._plan = ForwardPlan(
             batch.seq_ids, batch.positions, slot_mapping, batch.sequences, batch.token_seq,
             cells.n_kv, cells.window, cells.sinks, cells, cells.generation, self._biases,
+            None if decode is None else decode.slots,
         )
         self._device.clear()
-        self._views.clear()
+        self._pages = None
         return self._plan
 
     @exclusive
@@ -452,8 +449,7 @@ class CausalCache:
         """Cells in `seq`'s cell table (its tokens, shared ones included; 0 for a sequence holding none),
         without copying the table. Raises `DTypeMismatch` / `IndexOutOfRange` (not an int64 integer)."""
         self._check_open()
-        table = self._cells.tables.get(seq_id(seq))
-        return 0 if table is None else table.n
+        return self._cells.length(seq_id(seq))
 
     @exclusive
     def cell_table(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -522,8 +518,8 @@ class CausalCache:
         self._writers = []
         self._staging.clear()
         self._device.clear()
-        self._heads = (0, [])
-        self._views.clear()
+        self._heads = (0, None, [])
+        self._pages = None
         self._plan = None
         self._closed = True
 
@@ -537,22 +533,6 @@ class CausalCache:
     def _check_open(self) -> None:
         if self._closed:
             raise CacheClosed("this cache was closed")
-
-    def _check_put(self, layer: object, keys: Any, values: Any) -> None:
-        """What `put` checks before its body: the layer's type, and finite keys and values (int8 pools
-        always; float pools unless ``check_finite=False``)."""
-        check_layer_type(layer)
-        scan, dtype = self._scan_words, self._row_dtype
-        if scan is not None and type(keys) is np.ndarray and type(values) is np.ndarray:
-            if keys.dtype == dtype and values.dtype == dtype and keys.flags.c_contiguous and \
-                    values.flags.c_contiguous and keys.nbytes % 8 == 0 and values.nbytes % 8 == 0:
-                if not scan(keys.reshape(-1).view(np.uint64), values.reshape(-1).view(np.uint64)):
-                    return  # what a model loop passes, all finite: one kernel call and no wrapper
-        named = [(name, arr if type(arr) is np.ndarray else host_rows(name, arr, self.xp))
-                 for name, arr, finite in zip(("keys", "values"), (keys, values), self._finite, strict=True)
-                 if finite]
-        if named:
-            check_finite(*named[0], *named[1:])  # one scan of both arrays
 
     def _abort_after_fault(self) -> None:
         """`put` failed after its checks (a kernel fault): drop the pass's tokens, maybe half written."""
@@ -573,11 +553,14 @@ class CausalCache:
         return dropped
 
     def _current_plan(self) -> ForwardPlan:
+        plan = self._plan
+        if plan is not None and not self._closed and plan.is_current():
+            return plan  # the common case, in one test (put and get call this once per layer)
         self._check_open()
-        if self._plan is None:
+        if plan is None:
             raise NoForwardPass("call start_forward(seq_ids, positions) before put or get")
-        self._plan.check_current()
-        return self._plan
+        plan.check_current()
+        return plan
 
     def _check_rows(self, name: str, arr: Any, count: int) -> Any:
         fast = type(arr) is np.ndarray and self.xp is np and arr.dtype == self._row_dtype
@@ -587,9 +570,6 @@ class CausalCache:
         dtypes = (np.dtype(spec.dtype),)
         return check_rows(name, arr, self.xp, count, spec.num_kv_heads, spec.head_dim, dtypes)
 
-    def _pool_view(self, plan: ForwardPlan, layer: int) -> PoolView:
-        return PoolView(*self._pool_slices(plan.n_kv)[layer], self._device.get("bias", plan.bias))
-
     def _page_table(self, plan: ForwardPlan) -> PageTable:
         pages = plan.page_table
         return PageTable(
@@ -598,17 +578,18 @@ class CausalCache:
             self._device.get("kv_last_page_len", pages.kv_last_page_len),
         )
 
-    def _pool_slices(self, n: int) -> list[tuple[Any, Any, Any, Any]]:
-        """Each layer's ``(keys[:n], values[:n], key_scales[:n], value_scales[:n])`` (views, kept while n_kv
-        stays the same: a decode loop slices the pools once, not once per layer and step)."""
-        if self._heads[0] != n or not self._heads[1]:
-            slices = [
-                (self._pools[0][i][:n], self._pools[1][i][:n], _head(self._scales[0][i], n),
-                 _head(self._scales[1][i], n))
+    def _pool_views(self, n: int, bias: Any) -> list[PoolView]:
+        """Each layer's `PoolView`: ``keys[:n]``, ``values[:n]``, the scales' ``[:n]`` and `bias`, kept while
+        n_kv and the bias array stay the same (the plans of a decode loop share one bias buffer: the loop
+        slices the pools once, not once per layer and step)."""
+        if self._heads[0] != n or self._heads[1] is not bias or not self._heads[2]:
+            views = [
+                PoolView(self._pools[0][i][:n], self._pools[1][i][:n], _head(self._scales[0][i], n),
+                         _head(self._scales[1][i], n), bias)
                 for i in range(self.spec.num_layers)
             ]
-            self._heads = (n, slices)
-        return self._heads[1]
+            self._heads = (n, bias, views)
+        return self._heads[2]
 
     def _all_pools(self) -> list[Any]:
         return [arr for _, arr in self._named_pools()]

@@ -8,7 +8,7 @@ joins the bookkeeping with the pools and the kernels.
 State, all on the host:
     positions  ``[capacity]`` int64: the token position a cell holds, `FREE_CELL` when no sequence owns it.
     refs       ``[capacity]`` int32: how many sequences own the cell (0 = free, > 1 = shared).
-    tables     sequence id -> `SequenceCells`, the sequence's cells in increasing position order.
+    tables     `CellTables`: each live sequence's cells in increasing position order, all in one store.
 
 Every mutating method either raises a `kvarray.errors` exception before changing anything or completes,
 and bumps `generation`, which plans use to notice that they are stale.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .batch import Batch, group_batch
+from .celltables import CellTables
 from .errors import (
     CacheFull,
     ConfigError,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from .cellstate import DefragPlan
 
 __all__ = [
-    "FREE_CELL", "N_KV_MULTIPLE", "Batch", "Cells", "DecodeStep", "SequenceCells", "group_batch", "round_up",
+    "FREE_CELL", "N_KV_MULTIPLE", "Batch", "CellTables", "Cells", "DecodeStep", "group_batch", "round_up",
 ]
 
 #: The position of a cell that no sequence owns.
@@ -50,53 +51,11 @@ def round_up(n: int, multiple: int = N_KV_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
-class SequenceCells:
-    """One sequence's cell table: its cells in increasing position order, in a growable int32 buffer."""
-
-    __slots__ = ("buf", "n")
-
-    def __init__(self, cells: np.ndarray | None = None) -> None:
-        size = 0 if cells is None else len(cells)
-        self.buf = np.empty(max(16, 2 * size), np.int32)
-        self.n = size
-        if cells is not None and size:
-            self.buf[:size] = cells
-
-    def view(self) -> np.ndarray:
-        """The cells ``[n]`` int32 in position order (a view; copy it to keep it)."""
-        return self.buf[: self.n]
-
-    def last(self) -> int:
-        """The cell holding the sequence's highest position."""
-        return int(self.buf[self.n - 1])
-
-    def extend(self, cells: np.ndarray) -> None:
-        """Append cells (their positions follow the current last one)."""
-        end = self.n + len(cells)
-        if end > len(self.buf):
-            grown = np.empty(max(2 * len(self.buf), end), np.int32)
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
-        self.buf[self.n : end] = cells
-        self.n = end
-
-    def delete(self, start: int, count: int) -> None:
-        """Drop ``count`` entries from index ``start`` (NumPy copes with the overlap)."""
-        if count:
-            self.buf[start : self.n - count] = self.buf[start + count : self.n].copy()
-            self.n -= count
-
-    def keep(self, mask: np.ndarray) -> None:
-        """Keep the entries where ``mask [n]`` is true, in order."""
-        kept = self.view()[mask]
-        self.buf[: len(kept)] = kept
-        self.n = len(kept)
-
-
 class DecodeStep(NamedTuple):
-    """A plain decode batch (`Cells.decode_tables`): each sequence's table and its last cell ``[S]`` int64."""
+    """A plain decode batch (`Cells.decode_tables`): the slot of each sequence's table in `CellTables`
+    and its last cell, ``[S]`` int64 each."""
 
-    tables: list[SequenceCells]
+    slots: np.ndarray
     last: np.ndarray
 
 
@@ -145,7 +104,7 @@ class Cells:
         self.sinks = int(sinks)
         self.positions = np.full(self.capacity, FREE_CELL, np.int64)
         self.refs = np.zeros(self.capacity, np.int32)
-        self.tables: dict[int, SequenceCells] = {}
+        self.tables = CellTables()
         self.generation = 0
         self.used = 0
         self._lowest_free = 0  # no free cell below this index
@@ -161,9 +120,16 @@ class Cells:
     @property
     def top(self) -> int:
         """One past the highest used cell (0 when the cache is empty)."""
-        if not self._top_exact:
-            used = np.flatnonzero(self.refs[: self._top])
-            self._top = int(used[-1]) + 1 if used.size else 0
+        if not self._top_exact:  # scan down from the old top, in chunks that double
+            top, chunk = self._top, 8 * N_KV_MULTIPLE
+            while top > 0:
+                low = max(0, top - chunk)
+                used = self.refs[low:top].nonzero()[0]
+                if used.size:
+                    top = low + int(used[-1]) + 1
+                    break
+                top, chunk = low, 2 * chunk
+            self._top = top
             self._top_exact = True
         return self._top
 
@@ -186,23 +152,42 @@ class Cells:
     @property
     def tokens(self) -> int:
         """Sum of the sequences' cell counts (shared cells counted once per owner)."""
-        return sum(t.n for t in self.tables.values())
+        return self.tables.total()
 
     def table(self, seq: int) -> np.ndarray:
-        """Sequence `seq`'s cells ``[n]`` int32 in position order (a view). Raises `UnknownSequence`."""
-        cells = self.tables.get(int(seq))
-        if cells is None:
-            raise UnknownSequence(f"sequence {seq} holds no cells")
-        return cells.view()
+        """Sequence `seq`'s cells ``[n]`` int32 in position order (a view, valid until the bookkeeping
+        changes: copy it to keep it). Raises `UnknownSequence`."""
+        return self.tables.cells(self._slot(seq))
+
+    def length(self, seq: int) -> int:
+        """Cells in `seq`'s table (0 for a sequence without cells)."""
+        slot = self.tables.slot(int(seq))
+        return 0 if slot is None else int(self.tables.length[slot])
 
     def last_position(self, seq: int) -> int | None:
         """The highest position `seq` holds, or None for a sequence without cells."""
-        cells = self.tables.get(int(seq))
-        return None if cells is None else int(self.positions[cells.last()])
+        slot = self.tables.slot(int(seq))
+        return None if slot is None else int(self.positions[self.tables.cells(slot)[-1]])
 
-    def sequences(self) -> Iterator[tuple[int, SequenceCells]]:
-        """The live sequences and their tables, in insertion order."""
-        return iter(self.tables.items())
+    def sequences(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The live sequences and their tables (views, as `table`), in insertion order."""
+        tables = self.tables
+        return ((seq, tables.cells(slot)) for seq, slot in tables.items())
+
+    def page_table(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tables of the live sequences ``seqs [S]`` in CSR form: ``indptr [S + 1]`` int32 and
+        ``indices [indptr[S]]`` int32 (`CellTables.csr`). Raises `UnknownSequence`."""
+        slots = self.tables.slots(seqs.tolist())
+        if slots is None:
+            missing = next(s for s in seqs.tolist() if s not in self.tables)
+            raise UnknownSequence(f"sequence {missing} holds no cells")
+        return self.tables.csr(slots)
+
+    def _slot(self, seq: int) -> int:
+        slot = self.tables.slot(int(seq))
+        if slot is None:
+            raise UnknownSequence(f"sequence {seq} holds no cells")
+        return slot
 
     # ---- forward passes --------------------------------------------------------------------------
     def plan_batch(self, batch: Batch) -> list[_SeqPlan]:
@@ -219,15 +204,16 @@ class Cells:
         first_positions = batch.positions[batch.order[batch.starts]].tolist()
         counts = batch.counts.tolist()
         for seq, p0, count in zip(batch.sequences.tolist(), first_positions, counts, strict=True):
-            table = self.tables.get(seq)
-            if table is None:
+            slot = self.tables.slot(seq)
+            if slot is None:
                 if p0 < 0:
                     raise PositionError(f"sequence {seq} cannot start at negative position {p0}")
                 new_sequences += 1
                 plans.append(_SeqPlan(seq, p0, count, 0, [], count))
                 fresh_total += count
                 continue
-            last = int(positions[table.buf[table.n - 1]])
+            table = self.tables.cells(slot)
+            last = int(positions[table[-1]])
             if p0 != last + 1:
                 raise PositionError(
                     f"sequence {seq} holds positions up to {last}; its next token must be at {last + 1}, "
@@ -235,11 +221,11 @@ class Cells:
                 )
             evict, reuse = 0, list[int]()
             if window is not None:
-                limit, cells, i = p0 - window, table.buf, sinks
-                while i < table.n and positions[cells[i]] <= limit:
+                limit, i = p0 - window, sinks
+                while i < len(table) and positions[table[i]] <= limit:
                     i += 1
                 evict = i - sinks if i > sinks else 0
-                for c in cells[sinks : sinks + evict].tolist():
+                for c in table[sinks : sinks + evict].tolist():
                     if refs[c] == 1 and len(reuse) < count:
                         reuse.append(c)
                     else:
@@ -269,24 +255,22 @@ class Cells:
         count = len(batch.seq_ids)
         if self.window is not None or count > self.free or len(batch.sequences) != count:
             return None
-        tables = self.tables
-        try:
-            found = [tables[s] for s in batch.sequences.tolist()]
-        except KeyError:
+        slots = self.tables.slots(batch.sequences.tolist())
+        if slots is None:
             return None
-        last = np.fromiter((t.buf[t.n - 1] for t in found), np.int64, len(found))
-        if not np.array_equal(self.positions[last] + 1, batch.positions):
+        cells = self.tables.last(slots)
+        if not (self.positions[cells] == batch.positions - 1).all():
             return None
-        return DecodeStep(found, last)
+        return DecodeStep(slots, cells)
 
     def commit_decode(self, batch: Batch, step: DecodeStep) -> np.ndarray:
         """Allocate one cell per sequence of a plain decode batch (`decode_tables`); returns
         ``slot_mapping [T]`` int32. Same choices as `commit_batch`: the cell after each sequence's last
         cell when free (one sequence per cell), else the lowest free cells in batch order."""
-        refs, found = self.refs, step.tables
+        refs = self.refs
         after = step.last + 1
         ok = after < self.capacity
-        ok &= refs[np.minimum(after, self.capacity - 1)] == 0
+        ok[ok] = refs[after[ok]] == 0
         taken = after[ok]
         if len(set(taken.tolist())) != len(taken):  # sequences ending on one shared cell: the first wins
             first = np.zeros(len(after), bool)
@@ -295,17 +279,11 @@ class Cells:
             taken = after[ok]
         refs[taken] = 1
         self.used += len(taken)
-        cells = after
         if len(taken) < len(after):
-            cells[~ok] = self._take_lowest(len(after) - len(taken))
-        slot_mapping = cells.astype(np.int32)
+            after[~ok] = self._take_lowest(len(after) - len(taken))
+        slot_mapping = after.astype(np.int32)
         self.positions[slot_mapping] = batch.positions
-        for table, cell in zip(found, slot_mapping.tolist(), strict=True):
-            if table.n < len(table.buf):
-                table.buf[table.n] = cell
-                table.n += 1
-            else:
-                table.extend(np.array([cell], np.int32))
+        self.tables.append(step.slots, slot_mapping)
         if len(slot_mapping):
             self._top = max(self._top, int(slot_mapping.max()) + 1)
         self.generation += 1
@@ -322,16 +300,16 @@ class Cells:
         chosen: list[list[int]] = []
         one_more: list[tuple[int, int]] = []  # (plan index, the cell after the sequence's last): decode
         for k, plan in enumerate(plans):
-            table = tables.get(plan.seq)
+            slot = tables.slot(plan.seq)
             if plan.evict:
-                assert table is not None
-                evicted = table.buf[sinks : sinks + plan.evict].tolist()
-                table.delete(sinks, plan.evict)
+                assert slot is not None
+                evicted = tables.cells(slot)[sinks : sinks + plan.evict].tolist()
+                tables.delete(slot, sinks, plan.evict)
                 keep = set(plan.reuse)
                 self._release([c for c in evicted if c not in keep])
             cells = list(plan.reuse)
-            if plan.fresh and table is not None and table.n:
-                start = int(table.buf[table.n - 1]) + 1
+            if plan.fresh and slot is not None and tables.length[slot]:
+                start = int(tables.cells(slot)[-1]) + 1
                 if plan.fresh == 1:
                     one_more.append((k, start))
                 else:
@@ -367,14 +345,11 @@ class Cells:
         slot_mapping[batch.order] = grouped_cells
         positions[grouped_cells] = batch.positions[batch.order]
         for plan, cells in zip(plans, chosen, strict=True):
-            table = tables.get(plan.seq)
-            if table is None:
-                tables[plan.seq] = SequenceCells(np.asarray(cells, np.int32))
-            elif len(cells) == 1 and table.n < len(table.buf):
-                table.buf[table.n] = cells[0]
-                table.n += 1
+            slot = tables.slot(plan.seq)
+            if slot is None:
+                tables.add(plan.seq, np.asarray(cells, np.int32))
             else:
-                table.extend(np.asarray(cells, np.int32))
+                tables.extend(slot, np.asarray(cells, np.int32))
         if len(slot_mapping):
             self._top = max(self._top, int(grouped_cells.max()) + 1)
         assert self.used <= self.capacity
@@ -395,12 +370,12 @@ class Cells:
         have, lo, chunk = 0, self._lowest_free, max(64, 2 * n)
         while have < n:
             assert lo < self.capacity, "the free count and the refs disagree"
-            free = np.flatnonzero(self.refs[lo : lo + chunk] == 0)[: n - have] + lo
+            free = (self.refs[lo : lo + chunk] == 0).nonzero()[0][: n - have] + lo
             found.append(free)
             have += len(free)
             lo += chunk
             chunk *= 2
-        cells = np.concatenate(found).astype(np.int32)
+        cells = (found[0] if len(found) == 1 else np.concatenate(found)).astype(np.int32)
         self.refs[cells] = 1
         self.used += n
         self._lowest_free = int(cells[-1]) + 1
@@ -435,12 +410,10 @@ class Cells:
         A sequence left without cells is forgotten. Raises `UnknownSequence`, or `PositionError` when
         ``begin < 0`` or ``end < begin``.
         """
-        table = self.tables.get(int(seq))
-        if table is None:
-            raise UnknownSequence(f"sequence {seq} holds no cells")
+        slot = self._slot(seq)
         if begin < 0 or (end is not None and end < begin):
             raise PositionError(f"remove needs 0 <= begin <= end, got [{begin}, {end})")
-        cells = table.view()
+        cells = self.tables.cells(slot)
         pos = self.positions[cells]
         drop = pos >= begin
         if end is not None:
@@ -448,9 +421,9 @@ class Cells:
         if not drop.any():
             return 0
         self._release(cells[drop].copy())
-        table.keep(~drop)
-        if table.n == 0:
-            del self.tables[int(seq)]
+        self.tables.keep(slot, ~drop)
+        if self.tables.length[slot] == 0:
+            self.tables.drop(int(seq))
         self.generation += 1
         return int(drop.sum())
 
@@ -460,21 +433,20 @@ class Cells:
         Raises `UnknownSequence` (src), `PositionError` (length < 0 or longer than src),
         `SequenceExists` (dst holds cells), `TooManySequences`.
         """
-        table = self.tables.get(int(src))
-        if table is None:
-            raise UnknownSequence(f"sequence {src} holds no cells")
-        if length < 0 or length > table.n:
-            raise PositionError(f"copy_prefix of {length} cells from sequence {src}, which holds {table.n}")
+        table = self.table(src)
+        if length < 0 or length > len(table):
+            held = len(table)
+            raise PositionError(f"copy_prefix of {length} cells from sequence {src}, which holds {held}")
         if int(dst) in self.tables:
-            raise SequenceExists(f"copy_prefix target {dst} already holds {self.tables[int(dst)].n} cells")
+            raise SequenceExists(f"copy_prefix target {dst} already holds {self.length(dst)} cells")
         if length == 0:
             return
         if len(self.tables) >= self.max_sequences:
             live = len(self.tables)
             raise TooManySequences(f"{live} sequences are live; max_sequences is {self.max_sequences}")
-        cells = table.view()[:length].copy()
+        cells = table[:length].copy()
         self.refs[cells] += 1
-        self.tables[int(dst)] = SequenceCells(cells)
+        self.tables.add(int(dst), cells)
         self.generation += 1
 
     def shift(self, seq: int, delta: int, begin: int = 0) -> ShiftPlan:
@@ -484,14 +456,12 @@ class Cells:
         Raises `UnknownSequence`, `PositionError` (a position would fall below 0 or reach a kept cell's),
         `CacheFull` (no room for the copies).
         """
-        table = self.tables.get(int(seq))
-        if table is None:
-            raise UnknownSequence(f"sequence {seq} holds no cells")
-        cells = table.view()
+        slot = self._slot(seq)
+        cells = self.tables.cells(slot)
         pos = self.positions[cells]
         first = int(np.searchsorted(pos, begin, side="left"))
         empty = np.empty(0, np.int64)
-        if first == table.n or delta == 0:
+        if first == len(cells) or delta == 0:
             return ShiftPlan(empty, empty, empty, empty)
         floor = int(pos[first - 1]) + 1 if first else 0
         if int(pos[first]) + delta < floor:
@@ -507,7 +477,7 @@ class Cells:
         if len(shared):
             self.refs[shared] -= 1
             moved[np.isin(moved, shared)] = fresh
-            table.buf[first : table.n] = moved
+            self.tables.write(slot, first, moved)
             self._top = max(self._top, int(fresh.max()) + 1)
         self.positions[moved] = pos[first:] + delta
         self.generation += 1
@@ -544,6 +514,17 @@ class Cells:
         from . import cellstate
 
         return cellstate.check_state(self, state)
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], CellTables]:
+        """The bookkeeping as it is, for `rollback`: the export plus a copy of the tables (their slots too,
+        which the current plan's page table reads)."""
+        return self.export(), self.tables.copy()
+
+    def rollback(self, point: tuple[dict[str, np.ndarray], CellTables]) -> None:
+        """Put back the bookkeeping of `checkpoint` exactly (bumps `generation`, as `restore`)."""
+        state, tables = point
+        self.restore(state)
+        self.tables = tables
 
     def reset_hints(self, lowest_free: int, top: int | None) -> None:
         """After a bulk rewrite of `refs` (defrag, restore): no free cell below `lowest_free`, no used cell

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cells import FREE_CELL, SequenceCells, round_up
+from .cells import FREE_CELL, round_up
+from .celltables import expand_runs
 
 if TYPE_CHECKING:
     from .cells import Cells
@@ -33,22 +34,14 @@ class DefragPlan:
 
 
 
-def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The rows ``[starts[m], starts[m] + lengths[m])`` of every run, concatenated, int64."""
-    lengths = np.asarray(lengths, np.int64)
-    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(np.asarray(starts, np.int64), lengths) + offsets
-
-
 def plan_defrag(cells: Cells) -> DefragPlan:
     """Compact used cells to the front, each sequence's cells in position order (a shared prefix goes
     with the first sequence that holds it; sequences in order of their first cell), merged into runs."""
     n_kv_before = cells.n_kv
     new_index = np.full(cells.capacity, FREE_CELL, np.int64)
     nxt = 0
-    tables = sorted(cells.tables.values(), key=lambda t: int(t.buf[0]))
-    for table in tables:
-        rows = table.view()
+    tables = sorted((rows for _, rows in cells.sequences()), key=lambda rows: int(rows[0]))
+    for rows in tables:
         unplaced = rows[new_index[rows] == FREE_CELL]
         new_index[unplaced] = np.arange(nxt, nxt + len(unplaced))
         nxt += len(unplaced)
@@ -85,23 +78,20 @@ def apply_defrag(cells: Cells, plan: DefragPlan) -> None:
     used = np.flatnonzero(refs)
     cells.positions[remap[used]] = positions[used]
     cells.refs[remap[used]] = refs[used]
-    for table in cells.tables.values():
-        table.buf[: table.n] = remap[table.view()]
+    cells.tables.remap(remap)
     cells.reset_hints(lowest_free=cells.used, top=cells.used)
 
 
 def export(cells: Cells) -> dict[str, np.ndarray]:
     """The bookkeeping as arrays: ``positions [capacity]`` int64, ``refs [capacity]`` int32, ``seq_ids
     [S]`` int64, ``seq_indptr [S + 1]`` int64 and ``seq_cells [nnz]`` int32 (CSR of the cell tables)."""
-    ids = list(cells.tables)
-    lengths = [cells.tables[s].n for s in ids]
-    tables = [cells.tables[s].view() for s in ids]
+    indptr, owned = cells.tables.csr(cells.tables.live_slots())
     return {
         "positions": cells.positions.copy(),
         "refs": cells.refs.copy(),
-        "seq_ids": np.asarray(ids, np.int64),
-        "seq_indptr": np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int64),
-        "seq_cells": np.concatenate(tables).astype(np.int32) if tables else np.empty(0, np.int32),
+        "seq_ids": np.asarray(list(cells.tables), np.int64),
+        "seq_indptr": indptr.astype(np.int64),
+        "seq_cells": owned.astype(np.int32),
     }
 
 
@@ -109,11 +99,7 @@ def restore(cells: Cells, state: dict[str, np.ndarray]) -> None:
     """Replace the bookkeeping with `export`'s arrays. The caller has checked them with `check_state`."""
     cells.positions[:] = state["positions"]
     cells.refs[:] = state["refs"]
-    indptr = state["seq_indptr"]
-    cells.tables = {
-        int(s): SequenceCells(state["seq_cells"][indptr[i] : indptr[i + 1]])
-        for i, s in enumerate(state["seq_ids"].tolist())
-    }
+    cells.tables.load(state["seq_ids"].tolist(), state["seq_indptr"], state["seq_cells"])
     cells.used = int(np.count_nonzero(cells.refs))
     free = np.flatnonzero(cells.refs == 0)
     cells.reset_hints(lowest_free=int(free[0]) if free.size else cells.capacity, top=None)

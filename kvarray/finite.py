@@ -6,7 +6,8 @@ float16 or two float32 lanes in a uint64): ``(word & exponent mask) + lowest exp
 a lane's sign bit exactly when that lane's exponent is all ones, and never into the next lane; the
 results are OR-ed, so the loop has no branch and vectorizes (about 4 microseconds for a decode step's
 ``[64, 8, 64]`` float16 rows, where ``numpy.isfinite(x).all()`` takes 40 or more). A `put`'s keys and
-values are scanned in one call.
+values are scanned in the kernel call that writes them (`nonfinite_words`, inlined into
+`kvarray.ops.cpu_njit.scatter_copy_pair`), or in one `host_nonfinite` call before other writers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["host_nonfinite", "word_scanner"]
+__all__ = ["FLOAT16_LANES", "FLOAT32_LANES", "NO_LANES", "float_lanes", "host_nonfinite", "nonfinite_words"]
 
 _F16_MASK = np.uint64(0x7C007C007C007C00)
 _F16_ADD = np.uint64(0x0400040004000400)
@@ -26,32 +27,42 @@ _F32_ADD = np.uint64(0x0080000000800000)
 _F32_TOP = np.uint64(0x8000000080000000)
 _FLOAT16 = np.dtype(np.float16)
 
+#: ``(exponent mask, lowest exponent bit, sign bits)`` of the float lanes of a uint64 word, the constants
+#: of `nonfinite_words`: four float16 lanes, two float32 lanes; `NO_LANES` scans nothing.
+FLOAT16_LANES = (_F16_MASK, _F16_ADD, _F16_TOP)
+FLOAT32_LANES = (_F32_MASK, _F32_ADD, _F32_TOP)
+NO_LANES = (np.uint64(0), np.uint64(0), np.uint64(0))
+
+
+@numba.njit(nogil=True, cache=True)
+def nonfinite_words(a: np.ndarray, b: np.ndarray, lanes: tuple[np.uint64, np.uint64, np.uint64]) -> int:
+    """1 when a float lane of the uint64 words ``a [W]`` is NaN or infinite, else 2 when one of ``b [V]``
+    is, else 0; `lanes` is `FLOAT16_LANES` or `FLOAT32_LANES` (`NO_LANES`: 0 without reading). Inlined
+    into the kernels that scan before they write (`kvarray.ops.cpu_njit.scatter_copy_pair`; Numba's
+    on-disk cache notices edits only to a kernel's own file: after editing this, touch cpu_njit.py)."""
+    mask, add, top = lanes
+    if top == 0:
+        return 0
+    acc = np.uint64(0)
+    for i in range(a.size):
+        acc |= (a[i] & mask) + add
+    if acc & top:
+        return 1
+    for i in range(b.size):
+        acc |= (b[i] & mask) + add
+    return 2 if acc & top else 0
+
 
 @numba.njit(nogil=True, cache=True)
 def _scan_float16(a: np.ndarray, b: np.ndarray) -> int:
-    """1 when a float16 lane of the uint64 words ``a [W]`` is NaN or infinite, else 2 when one of ``b [V]``
-    is, else 0."""
-    acc = np.uint64(0)
-    for i in range(a.size):
-        acc |= (a[i] & _F16_MASK) + _F16_ADD
-    if acc & _F16_TOP:
-        return 1
-    for i in range(b.size):
-        acc |= (b[i] & _F16_MASK) + _F16_ADD
-    return 2 if acc & _F16_TOP else 0
+    """`nonfinite_words` of float16 lanes."""
+    return nonfinite_words(a, b, FLOAT16_LANES)
 
 
 @numba.njit(nogil=True, cache=True)
 def _scan_float32(a: np.ndarray, b: np.ndarray) -> int:
-    """`_scan_float16` for float32 lanes."""
-    acc = np.uint64(0)
-    for i in range(a.size):
-        acc |= (a[i] & _F32_MASK) + _F32_ADD
-    if acc & _F32_TOP:
-        return 1
-    for i in range(b.size):
-        acc |= (b[i] & _F32_MASK) + _F32_ADD
-    return 2 if acc & _F32_TOP else 0
+    """`nonfinite_words` of float32 lanes."""
+    return nonfinite_words(a, b, FLOAT32_LANES)
 
 
 _NO_WORDS = np.empty(0, np.uint64)
@@ -86,12 +97,9 @@ def host_nonfinite(first: np.ndarray, second: np.ndarray | None = None) -> int:
     return -1
 
 
-def word_scanner(dtype: np.dtype) -> Any:
-    """The scan kernel for `dtype` (float16 or float32; None for another dtype): ``scan(a, b)`` of two flat
-    uint64 word views ``[W]``, ``[V]`` of C-contiguous arrays is nonzero when either holds NaN or infinity.
-    For a caller that checks the same kind of arrays on every call (a cache's `put`) and wants no wrapper
-    in between; `host_nonfinite` says which array it was."""
+def float_lanes(dtype: Any) -> tuple[np.uint64, np.uint64, np.uint64] | None:
+    """The `nonfinite_words` lanes of float16 or float32 words, None for another dtype."""
     dtype = np.dtype(dtype)
     if dtype == _FLOAT16:
-        return _scan_float16
-    return _scan_float32 if dtype == np.dtype(np.float32) else None
+        return FLOAT16_LANES
+    return FLOAT32_LANES if dtype == np.dtype(np.float32) else None

@@ -38,7 +38,8 @@ from .xp import array_namespace, is_device_array
 
 __all__ = [
     "MAX_POSITION", "BookkeepingUndo", "RowBackup", "as_int", "as_int_array", "check_batch_values",
-    "check_finite", "check_layer_type", "exclusive", "exclusive_checked", "new_guard", "position", "seq_id",
+    "check_finite", "check_finite_kv", "check_layer_type", "exclusive", "exclusive_checked", "new_guard",
+    "position", "seq_id",
 ]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -214,6 +215,8 @@ def check_batch_values(seq_ids: Any, positions: Any) -> None:
             continue  # ragged or odd input: group_batch says what it expected
         if arr.size == 0 or arr.dtype.kind not in "iu":
             continue
+        if name == "seq_ids" and arr.dtype.kind == "i":
+            continue  # signed integers fit int64
         top = int(arr.max())
         if name == "seq_ids" and top > INT64_MAX:
             raise IndexOutOfRange(f"seq_ids must fit int64 ([{INT64_MIN}, {INT64_MAX}]), got {top}")
@@ -255,6 +258,14 @@ def check_finite(name: str, arr: Any, other: tuple[str, Any] | None = None) -> N
             raise _nonfinite(*host[bad])
 
 
+def check_finite_kv(keys: Any, values: Any, which: tuple[bool, bool]) -> None:
+    """`check_finite` of a write's ``keys`` and/or ``values`` (``which``: check keys, check values), in one
+    scan when both are checked host arrays."""
+    named = [(n, a) for n, a, check in zip(("keys", "values"), (keys, values), which, strict=True) if check]
+    if named:
+        check_finite(*named[0], *named[1:])
+
+
 def _nonfinite(name: str, host: np.ndarray | None) -> NonFiniteValues:
     where = ""
     if host is not None and host.ndim:
@@ -270,21 +281,22 @@ def _nonfinite(name: str, host: np.ndarray | None) -> NonFiniteValues:
 class BookkeepingUndo:
     """A cache's bookkeeping as it was, put back when an operation fails after it started changing it.
 
-    Works on a `kvarray.cells.Cells` (anything with ``export()``, ``restore(state)`` and a
-    ``generation``): the export is O(capacity) host integers; after `restore`, the generation is the old
-    one again, so the plan that was current is current again (the bookkeeping is the same).
+    Works on a `kvarray.cells.Cells` (anything with ``checkpoint()``, ``rollback(point)`` and a
+    ``generation``): the checkpoint is O(capacity) host integers; after `restore`, the generation is the
+    old one again, so the plan that was current is current again (the bookkeeping is the same, down to the
+    slots of the cell tables that its page table reads).
     """
 
-    __slots__ = ("cells", "state", "generation")
+    __slots__ = ("cells", "point", "generation")
 
     def __init__(self, cells: Any) -> None:
         self.cells = cells
-        self.state = cells.export()
+        self.point = cells.checkpoint()
         self.generation = cells.generation
 
     def restore(self) -> None:
         """Put the bookkeeping back as it was at construction."""
-        self.cells.restore(self.state)
+        self.cells.rollback(self.point)
         self.cells.generation = self.generation
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvarray import ops
 from kvarray.attention import apply_rope, attend, attend_gathered, attend_list, dequantized
 from kvarray.causal import CausalCache
 from kvarray.errors import (
@@ -433,3 +434,113 @@ def test_cupy_backend_without_a_device_raises_a_clear_error(monkeypatch: pytest.
     monkeypatch.setenv("KVARRAY_BACKEND", "cupy")
     with pytest.raises(BackendUnavailable, match="cupy"):
         CausalCache(SPEC, capacity=8, max_sequences=2)
+
+
+# ---- the decode shortcuts against the general path -------------------------------------------------
+# Each row: what happens between two decode steps of sequences [0, 1, 2] (or the listed ones); the second
+# step's page table and bias (whose buffer the first step's bias used) must still be its cell tables'.
+BETWEEN_DECODE_STEPS = [
+    ("nothing", lambda c: None, [0, 1, 2]),
+    ("remove a tail token", lambda c: c.remove(1, 2), [0, 1, 2]),
+    ("remove nothing", lambda c: c.remove(1, 5), [0, 1, 2]),
+    ("copy_prefix to a new sequence", lambda c: c.copy_prefix(0, 7, 2), [0, 1, 2]),
+    ("defrag", lambda c: c.defrag(), [0, 1, 2]),
+    ("shift", lambda c: c.shift(2, 3, None, 1), [0, 1, 2]),
+    ("another order", lambda c: None, [2, 0, 1]),
+    ("fewer sequences", lambda c: None, [0, 2]),
+    ("state reloaded", lambda c: c.load_state_dict(c.state_dict()), [0, 1, 2]),
+]
+
+
+@pytest.mark.parametrize(("label", "between", "seqs"), BETWEEN_DECODE_STEPS, ids=[r[0] for r in BETWEEN_DECODE_STEPS])
+def test_decode_page_table_and_bias_equal_the_cell_tables(label, between, seqs) -> None:
+    cache = CausalCache(SPEC, capacity=64, max_sequences=8, xp=np, defrag_threshold=None)
+    for s in (0, 1, 2):
+        step(cache, [s] * (4 + s), list(range(4 + s)))
+    cache.remove(1, 2)  # holes, so fresh decode cells do not simply follow each table
+    first = step(cache, [0, 1, 2], [4, 2, 6])
+    _ = first.page_table, first.bias
+    between(cache)
+    last = {s: int(cache.cell_table(s)[1][-1]) for s in seqs}
+    plan = step(cache, seqs, [last[s] + 1 for s in seqs])
+    assert plan._table_slots is not None  # a plain decode step: the slots came from start_forward
+    pages = plan.page_table
+    assert pages.kv_indices.tolist() == [c for s in seqs for c in cache.cell_table(s)[0].tolist()]
+    assert pages.kv_indptr.tolist() == np.cumsum([0] + [cache.length(s) for s in seqs]).tolist()
+    assert pages.kv_last_page_len.tolist() == [1] * len(seqs)
+    # the pool bias (its buffer reused from the first step, only the first step's zeros reset)
+    assert plan.bias.tolist() == [[0.0 if c in cache.cell_table(s)[0] else x for c in range(plan.n_kv)] for s in seqs]
+
+
+def test_a_long_decode_loop_reads_its_page_table_and_bias_from_the_tables() -> None:
+    cache = CausalCache(SPEC, capacity=128, max_sequences=4, xp=np)
+    for s in range(3):
+        step(cache, [s] * 3, [0, 1, 2])
+    cache.remove(1, 1)
+    positions = {0: 3, 1: 1, 2: 3}
+    for _ in range(30):
+        plan = step(cache, [0, 1, 2], [positions[s] for s in (0, 1, 2)])
+        tables = [cache.cell_table(s)[0].tolist() for s in (0, 1, 2)]
+        assert plan.page_table.kv_indices.tolist() == [c for t in tables for c in t]
+        assert plan.bias.tolist() == [[0.0 if c in t else x for c in range(plan.n_kv)] for t in tables]
+        positions = {s: p + 1 for s, p in positions.items()}
+
+
+def test_a_plan_current_again_after_a_failed_shift_reads_the_right_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = CausalCache(SPEC, capacity=64, max_sequences=8, xp=np, defrag_threshold=None)
+    for s in range(4):
+        step(cache, [s] * 3, [0, 1, 2])
+    cache.remove(0)
+    cache.remove(2)
+    step(cache, [5, 6], [0, 0])  # the lowest free slots go to 5 and 6: slots no longer in insertion order
+    plan = step(cache, [6, 3, 5, 1], [1, 3, 1, 3])
+    assert plan._table_slots is not None
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected rope_shift fault")
+
+    monkeypatch.setattr(ops, "rope_shift", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.shift(1, 2, RopeSpec(), begin=1)
+    monkeypatch.undo()
+    assert plan.is_current()  # all or nothing: the bookkeeping, its tables' slots included, is back
+    assert plan.page_table.kv_indices.tolist() == [c for s in (6, 3, 5, 1) for c in cache.cell_table(s)[0].tolist()]
+
+
+def general_bias(plan) -> np.ndarray:
+    """The pool bias by the general path (`visible_pairs`, the mask rule for any batch)."""
+    rows, _, cells = plan.visible_pairs()
+    bias = np.full((plan.num_tokens, plan.n_kv), -np.inf, np.float32)
+    bias[rows, cells] = 0.0
+    return bias
+
+
+def test_plain_decode_bias_and_pairs_equal_the_general_path() -> None:
+    rng = np.random.default_rng(5)
+    cache = CausalCache(SPEC, capacity=256, max_sequences=8, xp=np, defrag_threshold=None)
+    empty = cache.start_forward([], [])  # T = S = 0 on an empty cache: n_kv is 0 too
+    assert empty.is_plain_decode and empty.bias.shape == (0, 0) and empty.page_table.kv_indptr.tolist() == [0]
+    live: dict[int, int] = {}  # sequence -> next position
+    for i in range(120):
+        seqs = sorted(live, key=lambda _: rng.random())[: int(rng.integers(1, 9))]
+        new = [s for s in range(8) if s not in live]
+        if new and (not seqs or rng.random() < 0.3):
+            s = new[0]
+            n = int(rng.integers(1, 6))
+            plan = step(cache, [s] * n, list(range(n)))  # a prefill: the general path
+            live[s] = n
+        else:
+            plan = step(cache, seqs, [live[s] for s in seqs])
+            assert plan.is_plain_decode
+            for s in seqs:
+                live[s] += 1
+        assert np.array_equal(plan.bias, general_bias(plan)), i
+        for ours, reference in zip(plan._pairs, plan.visible_pairs(), strict=True):
+            assert ours.tolist() == reference.tolist()
+        if rng.random() < 0.2:  # holes, so decode cells stop following the tables
+            s = sorted(live)[int(rng.integers(len(live)))]
+            keep = int(rng.integers(0, live[s]))
+            cache.remove(s, keep)
+            live[s] = keep
+            if keep == 0:
+                del live[s]

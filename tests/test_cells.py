@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvarray.cells import FREE_CELL, Cells, group_batch
+from kvarray.celltables import MIN_ROOM, CellTables, expand_runs
 from kvarray.errors import (
     CacheFull,
     ConfigError,
@@ -26,7 +27,7 @@ def forward(cells: Cells, seqs: list[int], positions: list[int]) -> list[int]:
 
 
 def tables(cells: Cells) -> dict[int, list[int]]:
-    return {seq: table.view().tolist() for seq, table in cells.sequences()}
+    return {seq: table.tolist() for seq, table in cells.sequences()}
 
 
 def positions_of(cells: Cells, seq: int) -> list[int]:
@@ -300,3 +301,143 @@ def test_can_resume_follows_the_positions_and_the_ring() -> None:
 def test_bad_configuration(kwargs) -> None:
     with pytest.raises(ConfigError):
         Cells(**kwargs)
+
+
+# ---- the shared store of cell tables (kvarray.celltables) -----------------------------------------
+def layout(t: CellTables) -> dict[int, tuple[int, int, int]]:
+    """Each live sequence's (offset, length, room) in the store."""
+    return {seq: (int(t.offset[t.slot(seq)]), int(t.length[t.slot(seq)]), int(t.room[t.slot(seq)])) for seq in t}
+
+
+def check_store(t: CellTables, model: dict[int, list[int]]) -> None:
+    """The tables hold the model's cells, in insertion order, in disjoint regions of the store."""
+    assert list(t) == list(model)
+    assert {seq: t.cells(t.slot(seq)).tolist() for seq in t} == model
+    regions = sorted((offset, offset + room) for offset, length, room in layout(t).values() if length <= room)
+    assert len(regions) == len(model), "a table longer than its room"
+    assert all(a_end <= b for (_, a_end), (b, _) in zip(regions, regions[1:], strict=False)), "overlapping regions"
+    assert all(end <= t._end <= len(t.store) for _, end in regions)
+    slots = t.live_slots()
+    indptr, indices = t.csr(slots)
+    assert indices.tolist() == [c for cells in model.values() for c in cells]
+    assert indptr.tolist() == np.cumsum([0] + [len(c) for c in model.values()]).tolist()
+
+
+def test_expand_runs_concatenates_the_runs() -> None:
+    assert expand_runs(np.array([10, 3, 7]), np.array([2, 3, 0])).tolist() == [10, 11, 3, 4, 5]
+    assert expand_runs(np.array([], np.int64), np.array([], np.int64)).tolist() == []
+
+
+def test_cell_tables_grow_in_place_move_to_the_end_and_compact() -> None:
+    t = CellTables(sequences=2, entries=128)
+    steps = [
+        # (operation, expected (offset, length, room) per sequence, expected store size)
+        (lambda: t.add(7, np.arange(3)), {7: (0, 3, MIN_ROOM)}, 128),
+        (lambda: t.add(8, np.arange(20)), {7: (0, 3, 16), 8: (16, 20, 40)}, 128),  # room: twice the cells
+        # 8 is the last region: it grows in place, to twice the 50 entries it needs
+        (lambda: t.extend(t.slot(8), np.arange(30)), {7: (0, 3, 16), 8: (16, 50, 100)}, 128),
+        # 7 outgrows its room: the store has no room at its end, so the tables are compacted into a store
+        # twice as large as needed (512 >= 2 * (16 + 100 + 34)), and 7 moves to the end with 2 * 17
+        (lambda: t.extend(t.slot(7), np.arange(14)), {7: (116, 17, 34), 8: (16, 50, 100)}, 512),
+        # a third sequence: the slot arrays double; a fresh region after the last
+        (lambda: t.add(9, np.arange(1)), {7: (116, 17, 34), 8: (16, 50, 100), 9: (150, 1, 16)}, 512),
+        # dropping 8 leaves its region unused until a compaction reclaims it (insertion order kept)
+        (lambda: t.drop(8), {7: (116, 17, 34), 9: (150, 1, 16)}, 512),
+        (lambda: t._compact(0), {7: (0, 17, 34), 9: (34, 1, 16)}, 512),
+    ]
+    for operation, expected, size in steps:
+        operation()
+        assert layout(t) == expected
+        assert len(t.store) == size
+    assert t.cells(t.slot(7)).tolist() == [0, 1, 2, *range(14)]
+    assert t.cells(t.slot(9)).tolist() == [0]
+
+
+def test_cell_tables_append_one_cell_each_like_extend() -> None:
+    t, model = CellTables(sequences=2, entries=16), {}
+    for seq in range(5):
+        t.add(seq, np.arange(seq + 1, dtype=np.int32) * 10)
+        model[seq] = (np.arange(seq + 1) * 10).tolist()
+    for step in range(40):  # rooms fill up, so some appends move tables and compact the store
+        seqs = [s for s in model if (s + step) % 3]
+        cells = [1000 * step + s for s in seqs]
+        t.append(t.slots(seqs), np.array(cells, np.int32))
+        for s, c in zip(seqs, cells, strict=True):
+            model[s].append(c)
+        check_store(t, model)
+    assert t.slots([0, 99]) is None
+
+
+def test_cell_tables_many_sequences_with_interleaved_removes_match_a_dict_of_lists() -> None:
+    rng = np.random.default_rng(11)
+    t, model = CellTables(sequences=4, entries=32), {}
+    for i in range(1500):
+        op = rng.integers(6)
+        if op == 0 or not model:
+            seq = int(rng.integers(0, 400))
+            if seq not in model:
+                cells = rng.integers(0, 1000, int(rng.integers(1, 40))).astype(np.int32)
+                t.add(seq, cells)
+                model[seq] = cells.tolist()
+            continue
+        seq = list(model)[int(rng.integers(len(model)))]
+        slot = t.slot(seq)
+        if op == 1:
+            t.drop(seq)
+            del model[seq]
+        elif op == 2:
+            cells = rng.integers(0, 1000, int(rng.integers(0, 50))).astype(np.int32)
+            t.extend(slot, cells)
+            model[seq] += cells.tolist()
+        elif op == 3:
+            start = int(rng.integers(len(model[seq])))
+            count = int(rng.integers(0, len(model[seq]) - start + 1))
+            t.delete(slot, start, count)
+            del model[seq][start : start + count]
+        elif op == 4:
+            mask = rng.random(len(model[seq])) < 0.7
+            t.keep(slot, mask)
+            model[seq] = [c for c, k in zip(model[seq], mask, strict=True) if k]
+        else:
+            start = int(rng.integers(len(model[seq])))
+            cells = rng.integers(0, 1000, len(model[seq]) - start).astype(np.int32)
+            t.write(slot, start, cells)
+            model[seq][start:] = cells.tolist()
+        if seq in model and not model[seq]:
+            t.drop(seq)
+            del model[seq]
+        if i % 50 == 0:
+            check_store(t, model)
+    check_store(t, model)
+    assert len(t.offset) >= 64  # the slot arrays grew
+    mapping = np.arange(1000)[::-1].copy()
+    t.remap(mapping)
+    check_store(t, {seq: [999 - c for c in cells] for seq, cells in model.items()})
+    ids = list(model)
+    indptr, indices = t.csr(t.live_slots())
+    restored = CellTables()
+    restored.load(ids, indptr, indices)
+    check_store(restored, {seq: [999 - c for c in cells] for seq, cells in model.items()})
+
+
+def test_cells_with_many_sequences_keep_their_tables_through_churn() -> None:
+    cells = Cells(capacity=4096, max_sequences=300)
+    rng = np.random.default_rng(2)
+    live: dict[int, int] = {}
+    for _ in range(60):
+        new = [s for s in range(300) if s not in live][: int(rng.integers(0, 20))]
+        seqs = new + [s for s in live if rng.random() < 0.8]
+        positions = [0 if s in new else live[s] for s in seqs]
+        if len(seqs) > cells.free:
+            break
+        forward(cells, seqs, positions)
+        for s in seqs:
+            live[s] = live.get(s, 0) + 1
+        for s in [s for s in live if rng.random() < 0.05]:
+            keep = int(rng.integers(0, live[s]))
+            cells.remove(s, keep)
+            live[s] = keep
+            if keep == 0:
+                del live[s]
+        cells.check()
+        assert {s: positions_of(cells, s) for s in live} == {s: list(range(n)) for s, n in live.items()}

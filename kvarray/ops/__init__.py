@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DeviceMismatch, DTypeMismatch, IndexOutOfRange, ShapeMismatch
-from ..guard import check_finite
+from ..guard import check_finite, check_finite_kv
 from ..spec import RopeSpec
 from ..xp import is_device_array
 from .checks import (
@@ -61,21 +61,25 @@ def backend_for(*arrays: Any) -> ModuleType:
 
 
 def kv_writer(
-    key_pool: Any, value_pool: Any, key_scales: Any | None = None, value_scales: Any | None = None
+    key_pool: Any, value_pool: Any, key_scales: Any | None = None, value_scales: Any | None = None,
+    finite: bool = False,
 ) -> Callable[[Any, Any, Any], None]:
     """``write(keys, values, cells)``: `scatter_rows` of ``keys [T, H, D]`` into ``key_pool [N, H, D]`` and of
     ``values`` into ``value_pool`` at ``cells [T]`` int64, prepared once for one layer's pair of pools.
 
-    Not validated per call: for a cache's `put`, which checks the rows and owns the cells. The CPU backend
-    writes two float pools of one dtype in one kernel call; otherwise it is the backend's `scatter_rows`
-    twice.
+    With `finite` (always for an int8 pool), ``write`` refuses keys or values holding NaN or infinity with
+    `NonFiniteValues` and writes nothing. Not validated otherwise: for a cache's `put`, which checks the
+    rows and owns the cells. The CPU backend scans and writes two float pools of one dtype in one kernel
+    call; otherwise it is `check_finite`, then the backend's `scatter_rows` twice.
     """
     backend = backend_for(key_pool, value_pool, key_scales, value_scales)
     make = getattr(backend, "kv_writer", None)
     if make is not None:
-        return make(key_pool, value_pool, key_scales, value_scales)
+        return make(key_pool, value_pool, key_scales, value_scales, finite)
+    checked = (finite or key_scales is not None, finite or value_scales is not None)
 
     def write(keys: Any, values: Any, cells: Any) -> None:
+        check_finite_kv(keys, values, checked)
         backend.scatter_rows(key_pool, keys, cells, key_scales)
         backend.scatter_rows(value_pool, values, cells, value_scales)
 

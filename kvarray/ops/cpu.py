@@ -19,6 +19,8 @@ import numba
 import numpy as np
 
 from ..errors import DTypeMismatch, IndexOutOfRange, LayoutError, ShapeMismatch
+from ..finite import NO_LANES, float_lanes
+from ..guard import check_finite, check_finite_kv
 from ..spec import RopeSpec, RopeStyle
 from .checks import INDEX_DTYPES, check_contiguous, check_dtype, check_rank
 from .cpu_copy import PIECE_BYTES, CopyHelper
@@ -49,7 +51,7 @@ PARALLEL_BYTES = 256 << 10
 DYNAMIC_BYTES = 1 << 20
 
 
-def _launch(kernel: Any, nbytes: int, *args: Any) -> None:
+def _launch(kernel: Any, nbytes: int, *args: Any) -> Any:
     """Run `kernel` on `args`, sized by the `nbytes` the call moves.
 
     Small calls run the kernel's serial twin. Large calls run in parallel with work items handed out one at
@@ -57,10 +59,9 @@ def _launch(kernel: Any, nbytes: int, *args: Any) -> None:
     pauses (a busy machine) does not hold up the others; work items are blocks (64 rows, 64 positions,
     64 KiB), so this costs nothing measurable."""
     if nbytes < PARALLEL_BYTES:
-        kernel.serial(*args)
-        return
+        return kernel.serial(*args)
     with numba.parallel_chunksize(1) if nbytes >= DYNAMIC_BYTES else nullcontext():
-        kernel(*args)
+        return kernel(*args)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -109,14 +110,20 @@ def kv_writer(
     value_pool: np.ndarray,
     key_scales: np.ndarray | None = None,
     value_scales: np.ndarray | None = None,
+    finite: bool = False,
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
     """``write(keys, values, cells)``: `scatter_rows` of ``keys [T, H, D]`` into ``key_pool [N, H, D]`` and of
     ``values [T, H, D]`` into ``value_pool``, at ``cells [T]`` int64, prepared once for a pair of pools.
 
-    Two float pools of one dtype, written with rows of that dtype, take one kernel call for both (the pools'
-    byte views are made here, once); other pairs (int8, a conversion) take two `scatter_rows` calls.
+    With `finite` (always for an int8 pool), rows holding NaN or infinity are refused with
+    `NonFiniteValues` before anything is written. Two float pools of one dtype, written with rows of that
+    dtype, take one kernel call that scans both arrays and then writes both (the pools' byte views are made
+    here, once); other pairs (int8, a conversion) take a `check_finite` call and two `scatter_rows` calls.
     """
+    checked = (finite or key_scales is not None, finite or value_scales is not None)
+
     def write_each(keys: np.ndarray, values: np.ndarray, cells: np.ndarray) -> None:
+        check_finite_kv(keys, values, checked)
         scatter_rows(key_pool, keys, cells, key_scales)
         scatter_rows(value_pool, values, cells, value_scales)
 
@@ -124,14 +131,19 @@ def kv_writer(
     if key_scales is not None or value_scales is not None or value_pool.dtype != dtype:
         return write_each
     key_bytes, value_bytes = key_pool.view(np.uint8), value_pool.view(np.uint8)
+    lanes = float_lanes(dtype) if finite else NO_LANES
+    assert lanes is not None, "float pools only"
 
     def write(keys: np.ndarray, values: np.ndarray, cells: np.ndarray) -> None:
-        if keys.dtype != dtype or values.dtype != dtype:
-            write_each(keys, values, cells)
+        if keys.dtype != dtype or values.dtype != dtype or (finite and (keys.nbytes | values.nbytes) % 8):
+            write_each(keys, values, cells)  # a conversion, or rows that are not whole uint64 words
         elif len(keys):
             nbytes = 2 * keys.nbytes
             k, v = keys.view(np.uint8), values.view(np.uint8)
-            _launch(scatter_copy_pair, nbytes, key_bytes, value_bytes, k, v, cells, nbytes >= STREAM_BYTES)
+            stream = nbytes >= STREAM_BYTES
+            if _launch(scatter_copy_pair, nbytes, key_bytes, value_bytes, k, v, cells, stream, lanes):
+                check_finite("keys", keys, ("values", values))  # nothing was written: name the row
+                raise AssertionError("the scan in scatter_copy_pair and check_finite disagree")
 
     return write
 

@@ -24,6 +24,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..finite import nonfinite_words
+
 # error_model="numpy": no ZeroDivisionError branch per division, which would keep loops from vectorizing
 _serial = numba.njit(nogil=True, cache=True, error_model="numpy")
 
@@ -302,10 +304,18 @@ def scatter_copy(pool, rows, cells, stream):
 
 
 @_parallel
-def scatter_copy_pair(key_pool, value_pool, keys, values, cells, stream):
+def scatter_copy_pair(key_pool, value_pool, keys, values, cells, stream, lanes):
     """`scatter_copy` of keys and values into their two pools in one call (a decode step's put: one kernel
-    launch instead of two); ``key_pool``, ``value_pool`` ``[N, H, B]``, ``keys``, ``values`` ``[T, H, B]``
-    uint8 (B bytes a head)."""
+    launch instead of two), after a scan for NaN and infinity: ``key_pool``, ``value_pool`` ``[N, H, B]``,
+    ``keys``, ``values`` ``[T, H, B]`` uint8 (B bytes a head). `lanes`: the float lanes to scan
+    (`kvarray.finite.FLOAT16_LANES` or `FLOAT32_LANES`; the rows' sizes then a multiple of 8 bytes) or
+    `kvarray.finite.NO_LANES`. Returns `kvarray.finite.nonfinite_words`' answer: 0 after writing, 1 (keys)
+    or 2 (values) when a scanned row holds NaN or infinity, and then nothing is written."""
+    found = 0
+    if lanes[2]:
+        found = nonfinite_words(keys.reshape(-1).view(np.uint64), values.reshape(-1).view(np.uint64), lanes)
+    if found:
+        return found
     size = keys.shape[1] * keys.shape[2]
     n_rows = keys.shape[0]
     for block in prange((n_rows + COPY_BLOCK - 1) // COPY_BLOCK):
@@ -318,6 +328,7 @@ def scatter_copy_pair(key_pool, value_pool, keys, values, cells, stream):
                 _copy_bytes(value_pool.ctypes.data + at, values.ctypes.data + row, size, stream)
         if stream:
             _store_fence()
+    return 0
 
 
 @_parallel
