@@ -130,8 +130,10 @@ class DecodeMirror:
 
     def __init__(self, layers: int, heads: int, dim: int) -> None:
         self.layers, self.heads, self.dim = layers, heads, dim
-        self.keys: list[np.ndarray] = []
+        self._all: tuple[np.ndarray, np.ndarray] | None = None  # keys, values [layers, slots, H, Lcap, D]
+        self.keys: list[np.ndarray] = []  # each layer's [slots, H, Lcap, D] (views of the one array)
         self.values: list[np.ndarray] = []
+        self._first = np.empty((0, 0, 0), np.int64)  # `new_rows`: flat row of (layer, slot, head, row 0)
         self.sequences = np.empty(0, np.int64)  # sequence id of each slot (last pass)
         self.valid = np.empty(0, np.int64)  # rows of each slot equal to the pool
         self._past = np.empty(0, np.int64)  # the staged pass's past lengths
@@ -173,13 +175,30 @@ class DecodeMirror:
         """The staged pass ran: its rows (written in place by the graph) are valid too."""
         self.valid = self._past + 1
 
+    def new_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The staged pass's own rows, which the graph wrote at row ``past[s]`` of each slot: keys and
+        values ``[layers, S, H, D]`` (C-contiguous, fresh arrays; ``keys[i]`` is layer i's ``[S, H, D]``
+        for `put`), in one gather each over all layers."""
+        assert self._all is not None
+        keys, values = self._all
+        layers, slots, heads, rows, dim = keys.shape
+        count = len(self._past)
+        if self._first.shape != (layers, count, heads):  # row (i, s, h, 0) of the flat [..., D] arrays
+            first = (np.arange(layers)[:, None, None] * slots + np.arange(count)[None, :, None]) * heads
+            self._first = (first + np.arange(heads)[None, None, :]) * rows
+        at = (self._first + self._past[None, :, None]).reshape(-1)
+        shape = (layers, count, heads, dim)
+        return (keys.reshape(-1, dim).take(at, axis=0).reshape(shape),
+                values.reshape(-1, dim).take(at, axis=0).reshape(shape))
+
     def _grow(self, count: int, width: int) -> None:
         """Room for `count` slots of `width` rows (Lcap: the next multiple of 256); every slot re-copied."""
         slots = max(count, self.keys[0].shape[0] if self.keys else 0)
         rows = -(-width // 256) * 256
-        shape = (slots, self.heads, rows, self.dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(self.layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(self.layers)]
+        shape = (self.layers, slots, self.heads, rows, self.dim)
+        self._all = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        self.keys, self.values = list(self._all[0]), list(self._all[1])
+        self._first = np.empty((0, 0, 0), np.int64)
         self._views = (None, None)
         self.sequences = np.empty(0, np.int64)
         self.valid = np.empty(0, np.int64)
@@ -301,12 +320,14 @@ class NativeStepRunner(Runner):
         start = time.perf_counter()
         self.binder.run()
         seconds = time.perf_counter() - start
-        if self.view is GraphView.DECODE:  # this pass's rows, written into the present buffers
+        if self._staged is not None:  # the decode view over the mirror: one gather of all layers' rows
+            keys, values = self._staged.new_rows()
+            self.new_keys, self.new_values = list(keys), list(values)
+            self._staged.commit()
+        elif self.view is GraphView.DECODE:  # this pass's rows, written into the present buffers
             row, rank = np.arange(plan.num_sequences), plan.gathered_lengths - 1
             self.new_keys = [keys[row, :, rank] for keys in self._present[0]]
             self.new_values = [values[row, :, rank] for values in self._present[1]]
-        if self._staged is not None:
-            self._staged.commit()
         for layer in range(self.spec.num_layers):
             cache.put(layer, self.new_keys[layer], self.new_values[layer])
         return self._logits, seconds

@@ -100,8 +100,10 @@ def sample_each(
     """
     best = np.argmax(logits, axis=1)
     chosen = logits[np.arange(len(best)), best]
+    greedy: list[int | Exception] = best.tolist()
+    if np.isfinite(chosen).all() and all(p.greedy for p in params):
+        return greedy  # every row decided by the one argmax
     finite = np.isfinite(chosen).tolist()
-    greedy = best.tolist()
     out: list[int | Exception] = []
     for k, p in enumerate(params):
         if not finite[k]:
