@@ -29,19 +29,20 @@ from ..errors import (
     DTypeMismatch,
     EmptyPrompt,
     EngineBusy,
+    ModelFileError,
     PromptTooLong,
     RequestFailed,
     ShapeMismatch,
     UnknownRequest,
     UnknownToken,
 )
-from ..export import GraphInfo
+from ..export import GraphInfo, read_config
 from .binding import Binder
 from .runner import Runner
 from .sampling import SamplingParams, sample_each
 from .scheduler import Batch, FinishReason, Request, RequestState, Scheduler, TokenEvent
 
-__all__ = ["EngineCore", "EngineMetrics", "EngineOptions", "check_tokens"]
+__all__ = ["EngineCore", "EngineMetrics", "EngineOptions", "check_tokens", "read_context"]
 
 
 @dataclass
@@ -522,6 +523,18 @@ class EngineCore(Generic[C]):
         if self._cells.length(req.id):
             self._cells.remove(req.id)
         self.runner.on_finish(self.cache, req)
+
+
+def read_context(config_json: Any, key: str) -> int | None:
+    """The model's context, `key` of a config.json (``max_position_embeddings``, Whisper's
+    ``max_target_positions``), or None when the file has none. Raises `ModelFileError` (a file that is
+    not a JSON object, or a context that is not a positive integer), `MissingModelFile`."""
+    value = read_config(config_json).get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelFileError(f"{config_json}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_tokens(ids: Any, vocab_size: int, what: str) -> np.ndarray:

@@ -41,9 +41,9 @@ import onnxruntime as ort
 
 from ..causal import CacheStats, CausalCache
 from ..errors import ConfigError, UnsupportedModel
-from ..export import MissingModelFile, ModelFileError, read_config, read_metadata
+from ..export import MissingModelFile, ModelFileError, read_metadata
 from ..spec import KVSpec
-from .core import EngineCore, EngineMetrics, EngineOptions, check_tokens
+from .core import EngineCore, EngineMetrics, EngineOptions, check_tokens, read_context
 from .names import match_convention
 from .native import NativeRunner, ViewSwitch
 from .optimum import OptimumRunner, read_tokens
@@ -227,7 +227,8 @@ class Engine(EngineCore[CausalCache]):
 
         Raises `UnsupportedModel` (no such graph; the message says how to export it), `ModelFileError`
         (a ``checkpoint/config.json`` that is not a JSON object: cut short, not UTF-8, a list;
-        `kvarray.export.read_config`), `TokenizerError` (a ``checkpoint/tokenizer.json`` that cannot be
+        `kvarray.export.read_config`; or whose ``max_position_embeddings`` is not a positive integer),
+        `TokenizerError` (a ``checkpoint/tokenizer.json`` that cannot be
         read), and what the constructor raises.
         """
         config = config or EngineConfig()
@@ -239,7 +240,7 @@ class Engine(EngineCore[CausalCache]):
         checkpoint = folder / "checkpoint"
         context = None
         if (checkpoint / "config.json").is_file():
-            context = read_config(checkpoint / "config.json").get("max_position_embeddings")
+            context = read_context(checkpoint / "config.json", "max_position_embeddings")
         if "tokenizer" not in kwargs and (checkpoint / "tokenizer.json").is_file():
             kwargs["tokenizer"] = load_tokenizer(checkpoint)
         kwargs.setdefault("context", context)

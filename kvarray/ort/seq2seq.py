@@ -35,11 +35,20 @@ import onnxruntime as ort
 from ..causal import CausalCache
 from ..encdec import EncDecPlan, EncDecStats, EncoderDecoderCache
 from ..encoder import EncoderCache
-from ..errors import ConfigError, EmptyPrompt, GraphMismatch, PromptTooLong, ShapeMismatch, UnsupportedModel
-from ..export import GraphInfo, read_config, read_metadata
+from ..errors import (
+    ConfigError,
+    DTypeMismatch,
+    EmptyPrompt,
+    GraphMismatch,
+    NonFiniteValues,
+    PromptTooLong,
+    ShapeMismatch,
+    UnsupportedModel,
+)
+from ..export import GraphInfo, read_metadata
 from ..views import NEG_INF, CrossView
 from .audio import log_mel, split_windows
-from .core import EngineCore, EngineMetrics, check_tokens
+from .core import EngineCore, EngineMetrics, check_tokens, read_context
 from .engine import GraphKind, open_session
 from .names import check_names, convention, match_convention
 from .native import NativeStepRunner, row_mismatches, step_mismatches
@@ -151,15 +160,24 @@ class EncoderSide(Runner):
     def check_source(self, source: Any) -> np.ndarray:
         """A request's encoder input as the encoder graph takes it: T5 ``[M]`` int64 token ids, Whisper
         ``[n_mels, 3000]`` float32. Raises `ShapeMismatch`, `EmptyPrompt`, `UnknownToken`, `PromptTooLong`
-        (more T5 tokens than the encoder cache's rows)."""
+        (more T5 tokens than the encoder cache's rows), `DTypeMismatch` (Whisper features that are not
+        numbers), `NonFiniteValues` (Whisper features holding NaN or infinity)."""
         if self.architecture == "whisper":
-            feats = np.asarray(source, np.float32)
+            try:
+                feats = np.asarray(source, np.float32)
+            except (TypeError, ValueError) as exc:  # ragged nesting, strings, objects
+                raise DTypeMismatch(
+                    "Whisper input_features must be a float32 [n_mels, frames] array; NumPy cannot read the "
+                    f"{type(source).__name__} given as one ({exc})"
+                ) from None
             want = (self.n_mels, WHISPER_FRAMES)
             if feats.shape != want:
                 raise ShapeMismatch(
                     f"Whisper input_features must be [n_mels, frames] = {list(want)} (30 s, padded: "
                     f"kvarray.ort.audio.log_mel); got {list(feats.shape)}"
                 )
+            if not np.isfinite(feats).all():
+                raise NonFiniteValues("Whisper input_features hold NaN or infinity")
             return feats
         ids = check_tokens(source, self.vocab_size, "source token")
         if ids.size == 0:
@@ -454,7 +472,8 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
 
         Raises `UnsupportedModel` (no such graphs; the message says how to export them), `ModelFileError`
         (a config.json that is not a JSON object: cut short, not UTF-8, a list;
-        `kvarray.export.read_config`), and what the constructor raises.
+        `kvarray.export.read_config`; or whose ``max_target_positions`` is not a positive integer), and
+        what the constructor raises.
         """
         folder = Path(model_dir)
         kind = GraphKind(graph)
@@ -479,7 +498,7 @@ class Seq2SeqEngine(EngineCore[EncoderDecoderCache]):
         if "context" not in kwargs:
             for config_json in (folder / "checkpoint" / "config.json", folder / "optimum" / "config.json"):
                 if config_json.is_file():
-                    kwargs["context"] = read_config(config_json).get("max_target_positions")
+                    kwargs["context"] = read_context(config_json, "max_target_positions")
                     break
         return cls(pair[0], pair[1], config, **kwargs)
 

@@ -14,7 +14,15 @@ import pytest
 from ort_models import T5, WHISPER, seq2seq_reference
 
 from kvarray.cli import main
-from kvarray.errors import EmptyPrompt, PromptTooLong, ShapeMismatch, UnknownRequest, UnknownToken
+from kvarray.errors import (
+    DTypeMismatch,
+    EmptyPrompt,
+    NonFiniteValues,
+    PromptTooLong,
+    ShapeMismatch,
+    UnknownRequest,
+    UnknownToken,
+)
 from kvarray.ort import SamplingParams, is_zero_copy
 from kvarray.ort.scheduler import FinishReason
 from kvarray.ort.seq2seq import Seq2SeqConfig, Seq2SeqEngine
@@ -179,6 +187,14 @@ def test_bad_requests_are_refused():
         whisper.add_request(np.zeros((80, 2999), np.float32))
     with pytest.raises(PromptTooLong, match="model context"):
         whisper.add_request(np.zeros((80, 3000), np.float32), [256] * 65)
+    with pytest.raises(DTypeMismatch, match="NumPy cannot read the list given"):
+        whisper.add_request([[0.0] * 3000, [0.0] * 2999])  # ragged
+    with pytest.raises(DTypeMismatch, match="NumPy cannot read the str given"):
+        whisper.add_request("features")
+    poisoned = np.zeros((80, 3000), np.float32)
+    poisoned[3, 7] = np.nan
+    with pytest.raises(NonFiniteValues, match="NaN or infinity"):
+        whisper.add_request(poisoned)
     assert not t5.has_work and not whisper.has_work
 
 

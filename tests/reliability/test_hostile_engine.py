@@ -273,6 +273,17 @@ def seq2seq_over(model: Path, damage, graph: str = "native"):
     return build
 
 
+def context_set_to(key: str, value):
+    """A damage that keeps config.json valid JSON but sets the model's context `key` to `value`."""
+
+    def damage(path: Path) -> None:
+        config = json.loads(path.read_text())
+        config[key] = value
+        path.write_text(json.dumps(config))
+
+    return damage
+
+
 def optimum_over(damage, name: str):
     """`Engine.from_model_dir(graph="optimum")` over a copy of the tiny Llama's Optimum export (no
     checkpoint/) whose `name` (config.json or generation_config.json) is damaged."""
@@ -298,12 +309,15 @@ DAMAGED_CONFIGS = [
     ("T5 Optimum, config cut", seq2seq_over(T5, cut_in_half, "optimum"), r"optimum/config.json is not valid JSON"),
     ("Llama Optimum, config cut", optimum_over(cut_in_half, "config.json"), r"optimum/config.json is not valid JSON"),
     ("Llama Optimum, generation config a list", optimum_over(make_a_list, "generation_config.json"), "generation_config.json holds a JSON list"),
+    ("Llama, context a string", engine_over(context_set_to("max_position_embeddings", "256")), r"max_position_embeddings must be a positive integer, got '256'"),
+    ("Llama, context 0", engine_over(context_set_to("max_position_embeddings", 0)), "max_position_embeddings must be a positive integer, got 0"),
+    ("Whisper, context a float", seq2seq_over(WHISPER, context_set_to("max_target_positions", 448.0)), "max_target_positions must be a positive integer, got 448.0"),
 ]
 
 
 @pytest.mark.parametrize("case", DAMAGED_CONFIGS, ids=[c[0] for c in DAMAGED_CONFIGS])
-def test_both_engines_name_a_damaged_config_json_10_cases(tmp_path, case):
-    assert len(DAMAGED_CONFIGS) == 10
+def test_both_engines_name_a_damaged_config_json_13_cases(tmp_path, case):
+    assert len(DAMAGED_CONFIGS) == 13
     _, build, message = case
     with pytest.raises(ModelFileError, match=message) as caught:
         build(tmp_path)
