@@ -20,7 +20,7 @@ from .batch import group_batch
 from .buffers import DeviceCopies, StagingBuffers, check_layer, check_rows
 from .cells import Cells, round_up
 from .cellstate import DefragPlan, expand_runs
-from .errors import CacheClosed, ConfigError, NoForwardPass, PositionError, SpecMismatch
+from .errors import CacheClosed, ConfigError, NoForwardPass, PositionError, ShapeMismatch, SpecMismatch
 from .guard import (
     INT64_MAX,
     MAX_POSITION,
@@ -28,6 +28,7 @@ from .guard import (
     RowBackup,
     as_int,
     check_batch_values,
+    check_finite_kv,
     check_layer_type,
     exclusive,
     exclusive_checked,
@@ -166,6 +167,11 @@ class CausalCache:
                           finite=self.check_finite)
             for i in range(spec.num_layers)
         ]
+        # `put_layers`: one kernel call for every layer where the backend has one (float host pools)
+        self._layers_writer = ops.kv_layers_writer(self._pools[0], self._pools[1], finite=self.check_finite)
+        # which of a put's keys and values are scanned for NaN and infinity (int8 pools: always)
+        scanned = [self.check_finite or name == "int8" for name in self.kv_dtype]
+        self._finite = (scanned[0], scanned[1])
         # this forward pass
         self._plan: ForwardPlan | None = None
         self._aborted: ForwardPlan | None = None  # the last pass `abort_forward` dropped
@@ -230,6 +236,45 @@ class CausalCache:
         # construction, so the layer's writer runs directly: no per-layer scan of the indices. It scans
         # the rows for NaN and infinity in the call that writes them (NonFiniteValues: nothing written).
         self._writers[layer](arrays[0], arrays[1], self._device.get("slot_mapping", self._slots))
+
+    @exclusive_checked(lambda cache, keys, values: None, lambda cache: cache._abort_after_fault())
+    def put_layers(self, keys: Any, values: Any) -> None:
+        """`put` of every layer in one call, ``put(i, keys[i], values[i])`` for each layer i: for a model that
+        has every layer's rows before it writes any (an ONNX graph of the whole decoder step).
+
+        Args:
+            keys, values: ``[num_layers, T, num_kv_heads, head_dim]`` in ``spec.dtype``, any DLPack producer
+                on the cache's side. C-contiguous host NumPy rows into float pools take one kernel call for
+                all layers (a decode step's writes: 2 x num_layers copies of T rows); the others are written
+                layer by layer.
+
+        Raises what `put` raises, `ShapeMismatch` also for a leading axis other than num_layers. Nothing is
+        written unless every layer's keys and values pass, NaN and infinity included.
+        """
+        plan = self._current_plan()
+        layers, count = self.spec.num_layers, plan.num_tokens
+        for name, arr in (("keys", keys), ("values", values)):
+            shape = tuple(getattr(arr, "shape", ()))
+            if len(shape) != 4 or shape[0] != layers:
+                raise ShapeMismatch(
+                    f"put_layers {name} must be [num_layers = {layers}, T, kv_heads, head_dim], got "
+                    f"{list(shape) if shape else type(arr).__name__}"
+                )
+        slots = self._device.get("slot_mapping", self._slots)
+        whole = (count, *self._row_shape)
+        if self._layers_writer is not None and type(keys) is np.ndarray and type(values) is np.ndarray and \
+                keys.shape[1:] == whole and values.shape[1:] == whole and keys.flags.c_contiguous and \
+                values.flags.c_contiguous and count:
+            if self._layers_writer(keys, values, slots):
+                return
+        rows = [(self._check_rows("keys", keys[i], count), self._check_rows("values", values[i], count))
+                for i in range(layers)]
+        if count == 0:
+            return
+        for layer_keys, layer_values in rows:  # every layer's rows scanned before the first write
+            check_finite_kv(layer_keys, layer_values, self._finite)
+        for layer, (layer_keys, layer_values) in enumerate(rows):
+            self._writers[layer](layer_keys, layer_values, slots)
 
     @exclusive_checked(lambda cache, layer, view: check_layer_type(layer))
     def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:
@@ -516,6 +561,7 @@ class CausalCache:
         self._pools = [[], []]
         self._scales = [[], []]
         self._writers = []
+        self._layers_writer = None
         self._staging.clear()
         self._device.clear()
         self._heads = (0, None, [])

@@ -544,3 +544,91 @@ def test_plain_decode_bias_and_pairs_equal_the_general_path() -> None:
             live[s] = keep
             if keep == 0:
                 del live[s]
+
+
+# ---- put_layers: every layer in one call ---------------------------------------------------------------
+LAYERS_SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
+def layered_rows(count: int, seed: int, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values ``[3, count, 2, 8]`` of distinct values (layer, token, head and dim all matter)."""
+    rng = np.random.default_rng(seed)
+    shape = (LAYERS_SPEC.num_layers, count, 2, 8)
+    return rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+
+
+def twin_caches(kv_dtype, dtype: str = "float32") -> tuple[CausalCache, CausalCache]:
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype=dtype)
+    return tuple(
+        CausalCache(spec, capacity=32, max_sequences=4, kv_dtype=kv_dtype, group_size=8, xp=np) for _ in range(2)
+    )
+
+
+@pytest.mark.parametrize(
+    "kv_dtype, dtype",
+    [("float32", "float32"), ("float16", "float16"), ("int8", "float32"), (("int8", "float32"), "float32")],
+    ids=["float32", "float16", "int8", "k8v32"],
+)
+def test_put_layers_equals_a_put_per_layer(kv_dtype, dtype):
+    """A prefill of two sequences (5 and 3 tokens), then two decode steps: the pools, scales and
+    bookkeeping after `put_layers` are bit for bit those after `put` of each layer."""
+    one, each = twin_caches(kv_dtype, dtype)
+    assert (one._layers_writer is not None) is (kv_dtype in ("float32", "float16"))  # the one-call kernel
+    batches = [([0] * 5 + [1] * 3, list(range(5)) + list(range(3))), ([0, 1], [5, 3]), ([1, 0], [4, 6])]
+    for seed, (seqs, positions) in enumerate(batches):
+        keys, values = layered_rows(len(seqs), seed, dtype)
+        one.start_forward(seqs, positions)
+        one.put_layers(keys, values)
+        each.start_forward(seqs, positions)
+        for layer in range(3):
+            each.put(layer, keys[layer], values[layer])
+        assert_state_equal(each.state_dict(), one.state_dict())
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("which", ["keys", "values"])
+def test_put_layers_refuses_nan_in_any_layer_and_writes_nothing(kv_dtype, which):
+    """NaN in the last layer's rows: `NonFiniteValues` naming the array, and no layer written (the
+    float32 pools take the one-call kernel, the int8 pools the layer-by-layer path)."""
+    from kvarray.errors import NonFiniteValues
+
+    cache, _ = twin_caches(kv_dtype)
+    cache.start_forward([0, 0], [0, 1])
+    before = cache.state_dict()
+    keys, values = layered_rows(2, 7)
+    (keys if which == "keys" else values)[2, 1, 0, 3] = np.nan
+    with pytest.raises(NonFiniteValues, match=which):
+        cache.put_layers(keys, values)
+    assert_state_equal(before, cache.state_dict())
+
+
+@pytest.mark.parametrize(
+    "keys_shape, error, match",
+    [
+        ((2, 2, 2, 8), ShapeMismatch, r"put_layers keys must be \[num_layers = 3, T, kv_heads, head_dim\], got \[2, 2, 2, 8\]"),
+        ((3, 2, 16), ShapeMismatch, r"got \[3, 2, 16\]"),
+        ((3, 1, 2, 8), ShapeMismatch, "rows"),
+        ((3, 2, 2, 4), ShapeMismatch, "kv_heads, head_dim"),
+    ],
+    ids=["layers", "rank", "tokens", "heads"],
+)
+def test_put_layers_refuses_bad_shapes_and_writes_nothing(keys_shape, error, match):
+    cache, _ = twin_caches("float32")
+    cache.start_forward([0, 0], [0, 1])
+    before = cache.state_dict()
+    _, values = layered_rows(2, 3)
+    with pytest.raises(error, match=match):
+        cache.put_layers(np.zeros(keys_shape, np.float32), values)
+    assert_state_equal(before, cache.state_dict())
+
+
+def test_put_layers_refuses_a_dtype_and_needs_a_pass():
+    cache, _ = twin_caches("float32")
+    keys, values = layered_rows(2, 4)
+    with pytest.raises(NoForwardPass):
+        cache.put_layers(keys, values)
+    cache.start_forward([0, 0], [0, 1])
+    before = cache.state_dict()
+    with pytest.raises(DTypeMismatch):
+        cache.put_layers(keys.astype(np.float64), values.astype(np.float64))
+    assert_state_equal(before, cache.state_dict())

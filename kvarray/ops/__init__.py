@@ -37,6 +37,7 @@ __all__ = [
     "backend_for",
     "dequantize_int8",
     "gather_rows",
+    "kv_layers_writer",
     "kv_writer",
     "move_rows",
     "quantize_int8",
@@ -84,6 +85,19 @@ def kv_writer(
         backend.scatter_rows(value_pool, values, cells, value_scales)
 
     return write
+
+
+def kv_layers_writer(
+    key_pools: Sequence[Any], value_pools: Sequence[Any], finite: bool = False
+) -> Callable[[Any, Any, Any], bool] | None:
+    """``write(keys, values, cells)`` of every layer at once, ``keys``, ``values`` ``[L, T, H, D]`` into the
+    L pairs of pools ``[N, H, D]`` at ``cells [T]`` int64, where the backend has such a kernel (the CPU,
+    for float pools of one dtype: `kvarray.ops.cpu.kv_layers_writer`); None otherwise (write layer by layer
+    with `kv_writer`). ``write`` returns False, writing nothing, for rows it does not take; with `finite`
+    it raises `NonFiniteValues` and writes nothing when a row holds NaN or infinity. Not validated
+    otherwise: for a cache's `put_layers`, which checks the rows and owns the cells."""
+    make = getattr(backend_for(*key_pools, *value_pools), "kv_layers_writer", None)
+    return None if make is None else make(key_pools, value_pools, finite)
 
 
 def _check_pool(name: str, pool: Any, scales: Any | None) -> int:

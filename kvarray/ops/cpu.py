@@ -36,12 +36,13 @@ from .cpu_njit import (
     rope_float,
     scatter_convert,
     scatter_copy,
+    scatter_copy_layers,
     scatter_copy_pair,
 )
 
 __all__ = [
-    "copy_runs", "dequantize_int8", "gather_rows", "kv_writer", "move_rows", "quantize_int8", "rope_shift",
-    "scatter_rows",
+    "copy_runs", "dequantize_int8", "gather_rows", "kv_layers_writer", "kv_writer", "move_rows",
+    "quantize_int8", "rope_shift", "scatter_rows",
 ]
 
 #: Calls moving fewer bytes than this run the serial twin of their kernel (no thread wake-up, see
@@ -145,6 +146,40 @@ def kv_writer(
                 check_finite("keys", keys, ("values", values))  # nothing was written: name the row
                 raise AssertionError("the scan in scatter_copy_pair and check_finite disagree")
 
+    return write
+
+
+def kv_layers_writer(
+    key_pools: Sequence[np.ndarray], value_pools: Sequence[np.ndarray], finite: bool = False
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], bool] | None:
+    """``write(keys, values, cells)``: `kv_writer`'s write of every layer at once, ``keys``, ``values``
+    ``[L, T, H, D]`` into the L pairs of pools ``[N, H, D]`` at ``cells [T]`` int64, in one kernel call
+    (`scatter_copy_layers`) that scans them all for NaN and infinity first (with `finite`) and then writes.
+    For float pools of one dtype (None otherwise: the caller writes layer by layer). ``write`` returns
+    False, writing nothing, for rows it does not take (another dtype, rows not in whole uint64 words, or
+    writes of `STREAM_BYTES` or more, which the parallel per-layer kernels do better); it raises
+    `NonFiniteValues` (nothing written) when a row holds NaN or infinity. The pools must stay allocated
+    while ``write`` is used (their addresses are taken here)."""
+    dtype = key_pools[0].dtype
+    pools = [*key_pools, *value_pools]
+    if any(p.dtype != dtype or not p.flags.c_contiguous for p in pools) or float_lanes(dtype) is None:
+        return None
+    lanes = float_lanes(dtype) if finite else NO_LANES
+    key_addrs = np.array([p.ctypes.data for p in key_pools], np.int64)
+    value_addrs = np.array([p.ctypes.data for p in value_pools], np.int64)
+    rows = key_pools[0].shape[0]
+
+    def write(keys: np.ndarray, values: np.ndarray, cells: np.ndarray) -> bool:
+        nbytes = keys.nbytes + values.nbytes
+        if keys.dtype != dtype or values.dtype != dtype or nbytes >= STREAM_BYTES or nbytes % 8:
+            return False
+        k, v = keys.view(np.uint8), values.view(np.uint8)
+        if scatter_copy_layers(key_addrs, value_addrs, rows, k, v, cells, lanes):
+            check_finite("keys", keys, ("values", values))  # nothing was written: name the row
+            raise AssertionError("the scan in scatter_copy_layers and check_finite disagree")
+        return True
+
+    write.pools = pools  # type: ignore[attr-defined]  # the pools whose addresses the kernel writes to
     return write
 
 

@@ -331,6 +331,34 @@ def scatter_copy_pair(key_pool, value_pool, keys, values, cells, stream, lanes):
     return 0
 
 
+@_serial
+def scatter_copy_layers(key_addrs, value_addrs, pool_rows, keys, values, cells, lanes):
+    """`scatter_copy_pair` of every layer of a pass in one call (a decode step's rows of all layers, as a
+    graph that runs every layer at once returns them), after one scan of all of them for NaN and
+    infinity: ``key_addrs``, ``value_addrs`` ``[L]`` int64 the addresses of each layer's pools (``[N, H,
+    B]`` C-contiguous, ``pool_rows`` = N, kept alive by the caller); ``keys``, ``values`` ``[L, T, H, B]``
+    uint8. Serial: for the small writes of decode steps. Returns `scatter_copy_pair`'s answer (0: written;
+    1 keys / 2 values hold NaN or infinity, and nothing is written)."""
+    found = 0
+    if lanes[2]:
+        found = nonfinite_words(keys.reshape(-1).view(np.uint64), values.reshape(-1).view(np.uint64), lanes)
+    if found:
+        return found
+    layers, n_rows = keys.shape[0], keys.shape[1]
+    size = keys.shape[2] * keys.shape[3]
+    for layer in range(layers):
+        key_pool = np.uint64(key_addrs[layer])
+        value_pool = np.uint64(value_addrs[layer])
+        for t in range(n_rows):
+            c = cells[t]
+            if 0 <= c < pool_rows:
+                at = np.uint64(c * size)
+                row = np.uint64((layer * n_rows + t) * size)
+                _copy_bytes(key_pool + at, keys.ctypes.data + row, size, False)
+                _copy_bytes(value_pool + at, values.ctypes.data + row, size, False)
+    return 0
+
+
 @_parallel
 def scatter_convert(pool, rows, cells):
     """``pool[cells[t]] = rows[t]`` converted between float16 bits and float32; ``[N, C]``, ``[T, C]``."""

@@ -320,11 +320,13 @@ class NativeStepRunner(Runner):
         start = time.perf_counter()
         self.binder.run()
         seconds = time.perf_counter() - start
-        if self._staged is not None:  # the decode view over the mirror: one gather of all layers' rows
-            keys, values = self._staged.new_rows()
+        if self._staged is not None:  # the decode view over the mirror: all layers' rows in one gather,
+            keys, values = self._staged.new_rows()  # written by one put_layers call
             self.new_keys, self.new_values = list(keys), list(values)
             self._staged.commit()
-        elif self.view is GraphView.DECODE:  # this pass's rows, written into the present buffers
+            cache.put_layers(keys, values)
+            return self._logits, seconds
+        if self.view is GraphView.DECODE:  # this pass's rows, written into the present buffers
             row, rank = np.arange(plan.num_sequences), plan.gathered_lengths - 1
             self.new_keys = [keys[row, :, rank] for keys in self._present[0]]
             self.new_values = [values[row, :, rank] for values in self._present[1]]
