@@ -13,6 +13,46 @@ from typing import Any
 
 import numpy as np
 
+#: `LlamaConfig` sizes of the tests' small random Llamas: 2 layers, hidden 64, 4 heads of 16 over 2 kv heads,
+#: the byte vocabulary (259).
+SMALL_LLAMA_SIZES: dict[str, Any] = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+#: `random_llama` arguments of a small random Llama whose greedy choices are far from ties (weights of
+#: std 0.1) and whose special tokens are none of the byte ids.
+SMALL_LLAMA: dict[str, Any] = dict(
+    SMALL_LLAMA_SIZES,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+#: config.json overrides of a llama3-scaled rope whose original context (16) the tests' positions pass.
+LLAMA3_ROPE: dict[str, Any] = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+#: overrides of `SMALL_LLAMA` that take the exporters' other branches (a tied head, q/k/v and MLP biases
+#: with one kv head, llama3 rope scaling, a head_dim that is not hidden / heads), by test id.
+LLAMA_VARIANTS: dict[str, dict[str, Any]] = {
+    "tied-head": {"tie_word_embeddings": True},
+    "biases-mqa": {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
+    "llama3-rope": LLAMA3_ROPE,
+    "mha-head-dim-32": {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
+}
+
 
 def torch_unavailable_reason() -> str | None:
     """Why the live comparison with transformers cannot run here, or None when it can."""

@@ -11,28 +11,11 @@ import numpy as np
 
 from kvarray.export import Checkpoint
 from kvarray.export.llama import read_config
+from kvarray.export.reference import LLAMA3_ROPE, SMALL_LLAMA_SIZES
 
-#: config.json sizes of the exporter tests' random Llamas: 2 layers, hidden 64, 4 heads of 16 over 2 kv
-#: heads, vocab 259 (the byte vocabulary).
-SIZES = dict(
-    vocab_size=259,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-#: config.json overrides of a llama3-scaled rope whose original context (16) the tests' positions pass.
-LLAMA3_ROPE = {
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    },
-}
+#: config.json sizes of the exporter tests' random Llamas, and a llama3-scaled rope's overrides (shared
+#: with the live transformers comparisons)
+SIZES, LLAMA3_ROPE = SMALL_LLAMA_SIZES, LLAMA3_ROPE
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

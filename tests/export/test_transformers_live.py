@@ -10,23 +10,20 @@ from __future__ import annotations
 import pytest
 from export_helpers import TINY, assert_same_reference, prompts_of
 from graph_driver import GraphDriver
-from numpy_llama import LLAMA3_ROPE, SIZES
 from test_llama_export import NEW_TOKENS, TOLERANCE, check_against
 
 from kvarray.export import export
-from kvarray.export.reference import greedy_margin, greedy_reference, random_llama, torch_unavailable_reason
+from kvarray.export.reference import (
+    LLAMA_VARIANTS,
+    SMALL_LLAMA,
+    greedy_margin,
+    greedy_reference,
+    random_llama,
+    torch_unavailable_reason,
+)
 
 REASON = torch_unavailable_reason()
 pytestmark = [pytest.mark.reference, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
-
-BASE = dict(
-    SIZES,
-    max_position_embeddings=128,
-    initializer_range=0.1,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
 
 
 def test_committed_reference_is_what_transformers_computes(tiny_reference):
@@ -34,18 +31,9 @@ def test_committed_reference_is_what_transformers_computes(tiny_reference):
     assert_same_reference(live, tiny_reference)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"tie_word_embeddings": True},
-        {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
-        LLAMA3_ROPE,
-        {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
-    ],
-    ids=["tied-head", "biases-mqa", "llama3", "mha-head-dim-32"],
-)
+@pytest.mark.parametrize("overrides", list(LLAMA_VARIANTS.values()), ids=list(LLAMA_VARIANTS))
 def test_native_graph_matches_transformers_live(tmp_path, overrides):
-    random_llama(tmp_path / "ckpt", seed=11, **{**BASE, **overrides})
+    random_llama(tmp_path / "ckpt", seed=11, **{**SMALL_LLAMA, **overrides})
     prompts = [[72, 101, 108, 108, 111], [10, 32, 100, 101, 102, 32, 102, 40, 41, 58, 10, 9]]
     reference = greedy_reference(tmp_path / "ckpt", prompts, NEW_TOKENS)
     # two logits each within TOLERANCE cannot swap when their gap exceeds 2 * TOLERANCE

@@ -21,6 +21,7 @@ from ort_models import NEW_TOKENS, TINY, eight_arrivals, run_arrivals
 from kvarray import CausalCache, KVSpec
 from kvarray.errors import ConfigError, GraphMismatch, ShapeMismatch, UnsupportedModel
 from kvarray.export import export
+from kvarray.export.reference import LLAMA_VARIANTS
 from kvarray.ort import Engine, EngineConfig, KVDtype, SamplingParams
 from kvarray.ort.engine import ViewChoice
 from kvarray.ort.native import GraphView, ViewSwitch, gathered_bias_before_put, pick_view, pool_window
@@ -301,53 +302,19 @@ def test_a_gathered_twin_of_another_model_is_refused(folder, tmp_path):
 
 
 # -- the decode graph's fused ops on other Llama configurations, against transformers --------------------
-LLAMA = dict(
-    vocab_size=259,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    initializer_range=0.1,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-LLAMA3 = {
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    },
-}
-
-
 @pytest.mark.reference
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"tie_word_embeddings": True},
-        {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
-        LLAMA3,
-        {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
-    ],
-    ids=["tied-head", "biases-mqa", "llama3-rope", "mha-head-dim-32"],
-)
+@pytest.mark.parametrize("overrides", list(LLAMA_VARIANTS.values()), ids=list(LLAMA_VARIANTS))
 def test_decode_graph_of_other_llamas_equals_transformers(tmp_path, overrides):
     """RotaryEmbedding (llama3 scaling in its tables), SkipSimplifiedLayerNormalization, GroupQueryAttention
     (MQA, MHA) and a tied head in the decode graph: "auto" on a folder with the pool and decode graphs of a
     random Llama gives transformers' greedy tokens, 8 requests at once."""
-    from kvarray.export.reference import greedy_reference, random_llama, torch_unavailable_reason
+    from kvarray.export.reference import SMALL_LLAMA, greedy_reference, random_llama, torch_unavailable_reason
 
     reason = torch_unavailable_reason()
     if reason is not None:
         print(reason)
         pytest.skip(reason)
-    random_llama(tmp_path / "checkpoint", seed=11, **{**LLAMA, **overrides})
+    random_llama(tmp_path / "checkpoint", seed=11, **{**SMALL_LLAMA, **overrides})
     prompts = [[72, 101, 108, 108, 111], [10, 32, 100, 101, 102, 32, 102, 40, 41, 58, 10, 9], [7, 7, 7]]
     reference = greedy_reference(tmp_path / "checkpoint", prompts, NEW_TOKENS)
     for view in ("pool", "decode"):
