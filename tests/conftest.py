@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -46,3 +51,19 @@ def xp(request: pytest.FixtureRequest):
     import cupy
 
     return cupy
+
+
+@pytest.fixture(scope="session")
+def import_path() -> Callable[[str, Path], ModuleType]:
+    """``import_path(name, path)``: the Python file `path`, outside any package (benchmarks/, docs/examples/),
+    imported as module `name` (registered in ``sys.modules``: dataclasses look their module up)."""
+
+    def load(name: str, path: Path) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -6,9 +6,8 @@ check that the guide shows the example file verbatim runs everywhere.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -41,14 +40,9 @@ def test_guide_shows_the_example_verbatim() -> None:
 
 
 @pytest.fixture(scope="module")
-def example() -> ModuleType:
+def example(import_path: Callable[[str, Path], ModuleType]) -> ModuleType:
     """docs/examples/pytorch_llama.py, imported from its path (docs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("kvarray_pytorch_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return import_path("kvarray_pytorch_example", EXAMPLE)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ few times the measured differences, not tuned to pass.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,14 +22,9 @@ F32 = ("float32", "float32")
 
 
 @pytest.fixture(scope="module")
-def quality() -> ModuleType:
+def quality(import_path: Callable[[str, Path], ModuleType]) -> ModuleType:
     """benchmarks/quality.py, imported from its path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("kvarray_benchmarks_quality", QUALITY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return import_path("kvarray_benchmarks_quality", QUALITY)
 
 
 @pytest.fixture(scope="module")
