@@ -109,16 +109,23 @@ def _blocking_forward(eng):
     return inside, release
 
 
+def _step_held_inside_its_pass(eng, events: list | None = None):
+    """Start a thread that steps `eng` (its events appended to `events`) and return once that step waits
+    inside its pass: ``(stepper, release)``; set `release` to let the pass go on."""
+    inside, release = _blocking_forward(eng)
+    stepper = threading.Thread(target=lambda: (events if events is not None else []).extend(eng.step()))
+    stepper.start()
+    assert inside.wait(10)
+    return stepper, release
+
+
 def test_a_cancel_while_the_pass_runs_waits_for_nothing_and_frees_when_it_ends():
     eng = engine()
     prompts = random_prompts(2, seed=23)
     a, b = (eng.add_request(p, GREEDY) for p in prompts)
     eng.step()
-    inside, release = _blocking_forward(eng)
-    stepper = threading.Thread(target=lambda: events.extend(eng.step()))
     events: list = []
-    stepper.start()
-    assert inside.wait(10)
+    stepper, release = _step_held_inside_its_pass(eng, events)
     held = eng.cache.length(a)
     eng.cancel(a)  # returns at once: the pass is still inside the graph
     c = eng.add_request(prompts[0], GREEDY)  # so does a new request
@@ -138,10 +145,7 @@ def test_a_cancel_while_the_pass_runs_waits_for_nothing_and_frees_when_it_ends()
 def test_a_second_thread_cannot_step_while_one_does():
     eng = engine()
     eng.add_request([1, 2, 3], GREEDY)
-    inside, release = _blocking_forward(eng)
-    stepper = threading.Thread(target=eng.step)
-    stepper.start()
-    assert inside.wait(10)
+    stepper, release = _step_held_inside_its_pass(eng)
     with pytest.raises(EngineBusy, match="another thread is stepping"):
         eng.step()
     release.set()
@@ -153,10 +157,7 @@ def test_a_second_thread_cannot_step_while_one_does():
 def test_close_waits_for_the_step_in_progress():
     eng = engine()
     eng.add_request([1, 2, 3], GREEDY)
-    inside, release = _blocking_forward(eng)
-    stepper = threading.Thread(target=eng.step)
-    stepper.start()
-    assert inside.wait(10)
+    stepper, release = _step_held_inside_its_pass(eng)
     closer = threading.Thread(target=eng.close)
     closer.start()
     closer.join(0.2)
