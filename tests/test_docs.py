@@ -8,12 +8,11 @@ sizes.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,18 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def gen_api() -> ModuleType:
-    return load("kvarray_docs_gen_api", DOCS / "gen_api.py")
+def gen_api(import_path: Callable[[str, Path], ModuleType]) -> ModuleType:
+    return import_path("kvarray_docs_gen_api", DOCS / "gen_api.py")
 
 
 @pytest.fixture(scope="module")
@@ -440,11 +430,13 @@ def test_memory_per_token_int8_is_0_53_of_float16(bench: ModuleType) -> None:
     assert bench_int8["bytes_per_token"] == 2176 and bench_int8["ratio_to_float16"] == pytest.approx(17 / 32)
 
 
-def test_churn_series_is_the_causal_suites_churn(bench: ModuleType) -> None:
+def test_churn_series_is_the_causal_suites_churn(
+    bench: ModuleType, import_path: Callable[[str, Path], ModuleType]
+) -> None:
     """The timeline's mean is the mean that benchmarks/test_causal_bench.py records (same workload)."""
     from benchmarks.capacity import CHURN_CAPACITY, CHURN_SEQUENCES, CHURN_SPEC, churn_series
 
-    causal = load("kvarray_causal_bench", ROOT / "benchmarks" / "test_causal_bench.py")
+    causal = import_path("kvarray_causal_bench", ROOT / "benchmarks" / "test_causal_bench.py")
     for threshold in (None, 0.1):
         series = churn_series(threshold, steps=60)
         cache = CausalCache(CHURN_SPEC, CHURN_CAPACITY, CHURN_SEQUENCES, defrag_threshold=threshold, xp=np)
