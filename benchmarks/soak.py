@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from kvarray.attention import apply_rope, dequantized
+from kvarray.attention import ModelToken, dequantized, int8_tolerance, shift_model
 from kvarray.causal import CausalCache
 from kvarray.errors import (
     CacheFull,
@@ -423,34 +423,20 @@ CACHE_CONFIGS: list[tuple[str, dict[str, Any]]] = [
 SEQUENCES, MAX_SEQUENCES = 8, 4
 
 
-@dataclass
-class Token:
-    """The model's view of one cached token: keys and values ``[layers, H, D]`` float64, and how far the
-    pools may be from them (int8 rounding, the rounding of a shift)."""
-
-    keys: np.ndarray
-    values: np.ndarray
-    key_tol: float
-    value_tol: float
-
-
-def quant_tol(rows: np.ndarray, storage: str) -> float:
-    return float(np.abs(rows).max()) / 254 * 1.01 + 1e-4 if storage == "int8" else 0.0
-
-
 def same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
 class CacheSoak:
-    """Random operations on one `CausalCache` config against the plain model ``seq -> position -> Token``."""
+    """Random operations on one `CausalCache` config against the plain model ``seq -> position ->
+    ModelToken``."""
 
     def __init__(self, name: str, options: dict[str, Any], rng: np.random.Generator, tally: Tally) -> None:
         self.name, self.options, self.rng, self.tally = name, dict(options), rng, tally
         self.window, self.sinks = options.get("window"), options.get("sinks", 0)
         self.cache = self.make()
         self.storage = self.cache.kv_dtype
-        self.model: dict[int, dict[int, Token]] = {}
+        self.model: dict[int, dict[int, ModelToken]] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="kvarray-soak-")
 
     def make(self) -> CausalCache:
@@ -508,8 +494,9 @@ class CacheSoak:
                         del self.model[seq][q]
         for t, (seq, pos) in enumerate(zip(labels, positions, strict=True)):
             k, v = keys[:, t].astype(np.float64), values[:, t].astype(np.float64)
-            tol_k, tol_v = quant_tol(keys[:, t], self.storage[0]), quant_tol(values[:, t], self.storage[1])
-            self.model.setdefault(seq, {})[pos] = Token(k, v, tol_k, tol_v)
+            tol_k = int8_tolerance(keys[:, t], self.storage[0])
+            tol_v = int8_tolerance(values[:, t], self.storage[1])
+            self.model.setdefault(seq, {})[pos] = ModelToken(k, v, tol_k, tol_v)
 
     def remove(self) -> None:
         rng = self.rng
@@ -576,14 +563,7 @@ class CacheSoak:
             return
         if not moving or not delta:
             return
-        tokens, shifted = self.model[seq], {}
-        for q in moving:
-            old = tokens.pop(q)
-            rotated = apply_rope(old.keys, np.full(SPEC.num_layers, delta), ROPE)  # layers as tokens
-            scale = float(np.abs(rotated).max())
-            grow = scale * 1.5 / 254 * 1.01 if self.storage[0] == "int8" else scale * 2e-3
-            shifted[q + delta] = Token(rotated, old.values, old.key_tol * 1.5 + grow, old.value_tol)
-        tokens.update(shifted)
+        shift_model(self.model[seq], moving, delta, ROPE, self.storage[0])
 
     def defrag(self) -> None:
         self.cache.defrag()

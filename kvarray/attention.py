@@ -1,5 +1,6 @@
 """Reference attention in NumPy (float64): over a cache view with its bias, over a plain list of K/V, and
-rotary embedding at given positions. For tests and docs, never a fast path.
+rotary embedding at given positions; and the plain model of a cached token (`ModelToken`) that the
+stateful tests and the soak check a cache against. For tests and docs, never a fast path.
 
 Shapes: T query tokens, Hq query heads, H kv heads (Hq a multiple of H: grouped-query attention, query
 head h reads kv head ``h // (Hq // H)``), D head_dim, N cells, S sequences, L padded length.
@@ -7,6 +8,7 @@ head h reads kv head ``h // (Hq // H)``), D head_dim, N cells, S sequences, L pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -93,3 +95,37 @@ def attend_list(query: Any, keys: Any, values: Any) -> np.ndarray:
     k = np.asarray(to_numpy(keys), np.float64)
     q = np.asarray(to_numpy(query), np.float64)[None]
     return attend(q, k, np.asarray(to_numpy(values), np.float64), np.zeros((1, k.shape[0])))[0]
+
+
+@dataclass
+class ModelToken:
+    """What a plain model of a cache knows of one cached token: per-layer keys and values ``[layers, H, D]``
+    (float64) and how far the cache may be from them (`int8_tolerance`; 0 for float pools until a shift
+    rounds the keys)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    key_tol: float
+    value_tol: float
+
+
+def int8_tolerance(rows: np.ndarray, storage: str) -> float:
+    """How far `storage` may hold `rows` (any shape) from their values: the int8 bound (scale / 2 of the
+    largest group, with margin), 0 for float storage."""
+    return float(np.abs(rows).max()) / 254 * 1.01 + 1e-4 if storage == "int8" else 0.0
+
+
+def shift_model(
+    tokens: dict[int, ModelToken], moving: list[int], delta: int, rope: RopeSpec, key_storage: str
+) -> None:
+    """What `CausalCache.shift` does to a sequence's model ``position -> ModelToken``: the tokens at
+    `moving` go to position + `delta`, their keys re-rotated by `delta` (`apply_rope`), the tolerance grown
+    by the rounding of a rotation (int8 keys are dequantized, rotated and quantized again)."""
+    shifted = {}
+    for q in moving:
+        old = tokens.pop(q)
+        rotated = apply_rope(old.keys, np.full(old.keys.shape[0], delta), rope)  # layers as tokens
+        scale = float(np.abs(rotated).max())
+        grow = scale * 1.5 / 254 * 1.01 if key_storage == "int8" else scale * 2e-3
+        shifted[q + delta] = ModelToken(rotated, old.values, old.key_tol * 1.5 + grow, old.value_tol)
+    tokens.update(shifted)

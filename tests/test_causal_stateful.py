@@ -14,7 +14,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvarray.attention import apply_rope, attend, attend_list, dequantized
+from kvarray.attention import (
+    ModelToken,
+    attend,
+    attend_list,
+    dequantized,
+    int8_tolerance,
+    shift_model,
+)
 from kvarray.causal import CausalCache
 from kvarray.errors import CacheFull, PositionError, SequenceExists, TooManySequences, UnknownSequence
 from kvarray.spec import KVSpec, RopeSpec
@@ -22,19 +29,6 @@ from kvarray.spec import KVSpec, RopeSpec
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
 ROPE = RopeSpec(theta=100.0)
 SEQ_IDS = st.integers(0, 4)
-
-
-class Token:
-    """What the model knows of one cached token: per-layer keys and values ``[layers, H, D]`` (float64)
-    and how far the cache may be from them (0 for float pools until a shift rounds the keys)."""
-
-    def __init__(self, keys: np.ndarray, values: np.ndarray, key_tol: float, value_tol: float) -> None:
-        self.keys, self.values, self.key_tol, self.value_tol = keys, values, key_tol, value_tol
-
-
-def quant_tol(rows: np.ndarray, storage: str) -> float:
-    """The int8 bound (scale / 2 of the largest group) for rows of any shape; 0 for float storage."""
-    return float(np.abs(rows).max()) / 254 * 1.01 + 1e-4 if storage == "int8" else 0.0
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -49,7 +43,7 @@ class CacheMachine(RuleBasedStateMachine):
             SPEC, capacity=self.capacity, max_sequences=3, window=self.window, sinks=self.sinks,
             kv_dtype=self.kv_dtype, group_size=8, defrag_threshold=0.3, xp=np,
         )
-        self.model: dict[int, dict[int, Token]] = {}
+        self.model: dict[int, dict[int, ModelToken]] = {}
         self.rng = np.random.default_rng(0)
         self.storage = self.cache.kv_dtype
 
@@ -100,7 +94,8 @@ class CacheMachine(RuleBasedStateMachine):
             self.evict(seq, starts[seq])
         for t, (seq, pos) in enumerate(zip(labels, positions, strict=True)):
             k, v = keys[:, t].astype(np.float64), values[:, t].astype(np.float64)
-            tok = Token(k, v, quant_tol(keys[:, t], self.storage[0]), quant_tol(values[:, t], self.storage[1]))
+            tol_k = int8_tolerance(keys[:, t], self.storage[0])
+            tok = ModelToken(k, v, tol_k, int8_tolerance(values[:, t], self.storage[1]))
             self.model.setdefault(seq, {})[pos] = tok
         self.check_views(plan, labels, positions)
 
@@ -151,15 +146,7 @@ class CacheMachine(RuleBasedStateMachine):
             return
         if not moving or not delta:
             return
-        tokens = self.model[seq]
-        shifted = {}
-        for q in moving:
-            old = tokens.pop(q)
-            rotated = apply_rope(old.keys, np.full(SPEC.num_layers, delta), ROPE)  # layers as tokens
-            scale = float(np.abs(rotated).max())
-            grow = scale * 1.5 / 254 * 1.01 if self.storage[0] == "int8" else scale * 2e-3
-            shifted[q + delta] = Token(rotated, old.values, old.key_tol * 1.5 + grow, old.value_tol)
-        tokens.update(shifted)
+        shift_model(self.model[seq], moving, delta, ROPE, self.storage[0])
 
     @rule()
     def defrag(self) -> None:
@@ -217,7 +204,7 @@ class CacheMachine(RuleBasedStateMachine):
                     self.assert_rows(stored, [tokens[q] for q in positions.tolist()], layer, which)
 
     def assert_rows(
-        self, stored: np.ndarray, tokens: list[Token], layer: int, which: int, rounded: bool = False
+        self, stored: np.ndarray, tokens: list[ModelToken], layer: int, which: int, rounded: bool = False
     ) -> None:
         """``stored [n, H, D]`` against the model's tokens of one layer, keys (0) or values (1); `rounded`:
         the rows went through float16 once more (an int8 pool dequantized into a float16 staging buffer)."""
