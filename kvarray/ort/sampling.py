@@ -101,9 +101,10 @@ def sample_each(
     best = np.argmax(logits, axis=1)
     chosen = logits[np.arange(len(best)), best]
     greedy: list[int | Exception] = best.tolist()
-    if np.isfinite(chosen).all() and all(p.greedy for p in params):
+    finite_rows = np.isfinite(chosen)
+    if finite_rows.all() and all(p.greedy for p in params):
         return greedy  # every row decided by the one argmax
-    finite = np.isfinite(chosen).tolist()
+    finite = finite_rows.tolist()
     out: list[int | Exception] = []
     for k, p in enumerate(params):
         if not finite[k]:
