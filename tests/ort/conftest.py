@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ort_models (import-mode=importlib)
 
-from ort_models import TINY  # noqa: E402
+from ort_models import TINY, seq2seq_reference  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +30,10 @@ def prompts(reference) -> list[list[int]]:
 def expected(reference, prompts) -> list[list[int]]:
     """The reference greedy tokens of each prompt."""
     return [reference[f"generated_{k}"].tolist() for k in range(len(prompts))]
+
+
+@pytest.fixture(scope="module", params=["t5", "whisper"])
+def seq2seq_model(request: pytest.FixtureRequest) -> tuple[str, list, list[list[int]], list[list[int]]]:
+    """(architecture, encoder sources, decoder prompts, expected greedy tokens) of the tiny T5, then of the
+    tiny Whisper (`ort_models.seq2seq_reference`)."""
+    return seq2seq_reference(request.param)

@@ -11,7 +11,7 @@ import wave
 
 import numpy as np
 import pytest
-from ort_models import T5, WHISPER, seq2seq_reference
+from ort_models import T5, WHISPER
 
 from kvarray.cli import main
 from kvarray.errors import (
@@ -29,12 +29,6 @@ from kvarray.ort.seq2seq import Seq2SeqConfig, Seq2SeqEngine
 
 GREEDY = SamplingParams(max_new_tokens=16, stop_tokens=())
 MODELS = {"t5": T5, "whisper": WHISPER}
-
-
-@pytest.fixture(scope="module", params=["t5", "whisper"])
-def model(request: pytest.FixtureRequest) -> tuple[str, list, list[list[int]], list[list[int]]]:
-    """(architecture, encoder sources, decoder prompts, expected greedy tokens) of one tiny model."""
-    return seq2seq_reference(request.param)
 
 
 def engine_of(arch: str, **config: object) -> Seq2SeqEngine:
@@ -58,14 +52,14 @@ def run_arrivals(
 
 # -- greedy outputs against transformers ------------------------------------------------------------------
 @pytest.mark.parametrize("k", [0, 1, 2])
-def test_each_request_alone_equals_reference(model, k):
-    arch, sources, prompts, expected = model
+def test_each_request_alone_equals_reference(seq2seq_model, k):
+    arch, sources, prompts, expected = seq2seq_model
     engine = engine_of(arch)
     assert engine.generate([sources[k]], [prompts[k]], GREEDY) == [expected[k]]
 
 
-def test_all_requests_at_once_equal_reference(model):
-    arch, sources, prompts, expected = model
+def test_all_requests_at_once_equal_reference(seq2seq_model):
+    arch, sources, prompts, expected = seq2seq_model
     engine = engine_of(arch)
     assert engine.generate(sources, prompts, GREEDY) == expected
     m = engine.metrics
@@ -78,17 +72,17 @@ def test_all_requests_at_once_equal_reference(model):
     [([0, 2, 5], 256), ([4, 0, 1], 1), ([0, 0, 3], 2)],
     ids=["in-order", "reversed-chunk1", "pair-then-one-chunk2"],
 )
-def test_requests_arriving_at_different_steps_equal_reference(model, arrivals, chunk):
-    arch, sources, prompts, expected = model
+def test_requests_arriving_at_different_steps_equal_reference(seq2seq_model, arrivals, chunk):
+    arch, sources, prompts, expected = seq2seq_model
     engine = engine_of(arch, prefill_chunk=chunk, max_encoder_batch=1)
     assert run_arrivals(engine, sources, prompts, arrivals) == expected
     assert engine.metrics.encoded_sequences == 3
 
 
-def test_more_requests_than_sequences_wait_for_room(model):
+def test_more_requests_than_sequences_wait_for_room(seq2seq_model):
     """max_sequences=2 and a cross capacity of two entries: the third request waits, is encoded when the
     first finishes, and every output still equals the reference."""
-    arch, sources, prompts, expected = model
+    arch, sources, prompts, expected = seq2seq_model
     rows = 1500 if arch == "whisper" else 30
     engine = engine_of(arch, max_sequences=2, encoder_capacity=2 * rows)
     assert engine.generate(sources, prompts, GREEDY) == expected
@@ -96,8 +90,8 @@ def test_more_requests_than_sequences_wait_for_room(model):
 
 
 # -- the cross view: zero-copy by pointer, staged when entries are not adjacent --------------------------
-def test_cross_view_is_bound_zero_copy_from_the_encoder_pool(model):
-    arch, sources, prompts, _ = model
+def test_cross_view_is_bound_zero_copy_from_the_encoder_pool(seq2seq_model):
+    arch, sources, prompts, _ = seq2seq_model
     engine = engine_of(arch)
     ids = [engine.add_request(s, p, GREEDY) for s, p in zip(sources, prompts, strict=True)]
     engine.step()
@@ -116,10 +110,10 @@ def test_cross_view_is_bound_zero_copy_from_the_encoder_pool(model):
     assert past.pointer == engine.cache.causal.get(0, "pool").keys.ctypes.data  # self pool view, no copy
 
 
-def test_cross_view_is_staged_when_entries_are_not_adjacent(model):
+def test_cross_view_is_staged_when_entries_are_not_adjacent(seq2seq_model):
     """The middle request finishes first: the others' entries are no longer side by side, so the cross
     view is copied into staging buffers; the outputs are unchanged."""
-    arch, sources, prompts, expected = model
+    arch, sources, prompts, expected = seq2seq_model
     engine = engine_of(arch)
     short = SamplingParams(max_new_tokens=3, stop_tokens=())
     ids = [engine.add_request(s, p, short if k == 1 else GREEDY) for k, (s, p) in
@@ -135,8 +129,8 @@ def test_cross_view_is_staged_when_entries_are_not_adjacent(model):
 
 
 # -- both caches freed at once ----------------------------------------------------------------------------
-def test_finished_and_cancelled_requests_free_both_caches(model):
-    arch, sources, prompts, _ = model
+def test_finished_and_cancelled_requests_free_both_caches(seq2seq_model):
+    arch, sources, prompts, _ = seq2seq_model
     engine = engine_of(arch)
     ids = [engine.add_request(s, p, GREEDY) for s, p in zip(sources, prompts, strict=True)]
     engine.step()
@@ -159,8 +153,8 @@ def test_finished_and_cancelled_requests_free_both_caches(model):
     assert engine.metrics.peak_cells > 0
 
 
-def test_cancel_a_waiting_request_frees_nothing_it_never_held(model):
-    arch, sources, prompts, expected = model
+def test_cancel_a_waiting_request_frees_nothing_it_never_held(seq2seq_model):
+    arch, sources, prompts, expected = seq2seq_model
     engine = engine_of(arch)
     keep = engine.add_request(sources[0], prompts[0], GREEDY)
     drop = engine.add_request(sources[1], prompts[1], GREEDY)
@@ -198,8 +192,8 @@ def test_bad_requests_are_refused():
     assert not t5.has_work and not whisper.has_work
 
 
-def test_default_prompt_is_the_decoder_start_token(model):
-    arch, sources, prompts, expected = model
+def test_default_prompt_is_the_decoder_start_token(seq2seq_model):
+    arch, sources, prompts, expected = seq2seq_model
     engine = engine_of(arch)
     assert prompts[0] == [engine.decoder_start_token_id]
     assert engine.generate([sources[0]], params=GREEDY) == [expected[0]]

@@ -10,7 +10,7 @@ branch, one sub-batch per past length (the decoder has no self-attention mask).
 from __future__ import annotations
 
 import pytest
-from ort_models import T5, WHISPER, seq2seq_reference
+from ort_models import T5, WHISPER
 
 from kvarray.errors import UnsupportedModel
 from kvarray.ort import SamplingParams
@@ -22,19 +22,13 @@ GREEDY = SamplingParams(max_new_tokens=16, stop_tokens=())
 MODELS = {"t5": T5, "whisper": WHISPER}
 
 
-@pytest.fixture(scope="module", params=["t5", "whisper"])
-def model(request: pytest.FixtureRequest) -> tuple[str, list, list[list[int]], list[list[int]]]:
-    """(architecture, encoder sources, decoder prompts, expected greedy tokens) of one tiny model."""
-    return seq2seq_reference(request.param)
-
-
 def optimum(arch: str, **config: object) -> Seq2SeqEngine:
     options = {"threads": 1, **config}
     return Seq2SeqEngine.from_model_dir(MODELS[arch], Seq2SeqConfig(**options), graph="optimum")  # type: ignore[arg-type]
 
 
-def test_the_runner_is_picked_from_the_decoder_names(model):
-    arch = model[0]
+def test_the_runner_is_picked_from_the_decoder_names(seq2seq_model):
+    arch = seq2seq_model[0]
     engine = optimum(arch)
     assert isinstance(engine.runner, OptimumSeq2SeqRunner) and engine.architecture == arch
     assert engine.spec == KVSpec(2, 4, 8, "float32") and engine.vocab_size == 259
@@ -45,18 +39,18 @@ def test_the_runner_is_picked_from_the_decoder_names(model):
 
 @pytest.mark.parametrize("chunk", [256, 1])
 @pytest.mark.parametrize("k", [0, 1, 2])
-def test_each_request_alone_equals_reference(model, k, chunk):
-    arch, sources, prompts, expected = model
+def test_each_request_alone_equals_reference(seq2seq_model, k, chunk):
+    arch, sources, prompts, expected = seq2seq_model
     engine = optimum(arch, prefill_chunk=chunk)
     assert engine.generate([sources[k]], [prompts[k]], GREEDY) == [expected[k]]
     stats = engine.stats()
     assert stats.self_attention.cells_used == 0 and stats.cross.sequences == 0  # both caches freed
 
 
-def test_all_requests_at_once_equal_reference(model):
+def test_all_requests_at_once_equal_reference(seq2seq_model):
     """One encoder pass (and one first-branch decoder pass) for all three; their prompts of 1-3 tokens
     make three past lengths, so the first passes run as several sub-batches."""
-    arch, sources, prompts, expected = model
+    arch, sources, prompts, expected = seq2seq_model
     engine = optimum(arch)
     assert engine.generate(sources, prompts, GREEDY) == expected
     m = engine.metrics
@@ -65,10 +59,10 @@ def test_all_requests_at_once_equal_reference(model):
     assert m.encoder_rows == sum(rows)
 
 
-def test_eight_requests_arriving_at_different_steps_equal_reference(model):
+def test_eight_requests_arriving_at_different_steps_equal_reference(seq2seq_model):
     """Request k (source and prompt k % 3) arrives at step [0, 0, 1, 2, 3, 5, 8, 13][k]; prompts are fed
     one token a pass, encoder passes of at most 2 requests."""
-    arch, sources, prompts, expected = model
+    arch, sources, prompts, expected = seq2seq_model
     engine = optimum(arch, prefill_chunk=1, max_encoder_batch=2)
     ids: dict[int, int] = {}
     step = 0
@@ -85,8 +79,8 @@ def test_eight_requests_arriving_at_different_steps_equal_reference(model):
     assert engine.stats().cross.sequences == 0
 
 
-def test_cancel_frees_the_encoder_entry(model):
-    arch, sources, prompts, expected = model
+def test_cancel_frees_the_encoder_entry(seq2seq_model):
+    arch, sources, prompts, expected = seq2seq_model
     engine = optimum(arch)
     keep = engine.add_request(sources[0], prompts[0], GREEDY)
     drop = engine.add_request(sources[1], prompts[1], GREEDY)
