@@ -27,6 +27,7 @@ from .guard import (
     BookkeepingUndo,
     RowBackup,
     as_int,
+    as_int_array,
     check_batch_values,
     check_finite_kv,
     check_layer_type,
@@ -314,8 +315,8 @@ class CausalCache:
         return GatheredView(out[0], out[1], self._device.get("lengths", lengths), bias)
 
     # ---- cache management ------------------------------------------------------------------------
-    @exclusive_checked(lambda cache, seq_ids, positions: check_batch_values(seq_ids, positions))
-    def start_forward(self, seq_ids: Any, positions: Any) -> ForwardPlan:
+    @exclusive_checked(lambda cache, seq_ids, positions, defrag=True: check_batch_values(seq_ids, positions))
+    def start_forward(self, seq_ids: Any, positions: Any, defrag: bool = True) -> ForwardPlan:
         """Assign a cell to every token of a batch and return the pass's `ForwardPlan`.
 
         Args:
@@ -323,8 +324,10 @@ class CausalCache:
             positions: ``[T]`` integer position of each token. A sequence's tokens are consecutive in batch
                 order, and its first one is at the sequence's last position + 1 (a new sequence may start
                 at any position >= 0).
+            defrag: may defragment first: when fragmentation exceeds `defrag_threshold` and compaction
+                would lower n_kv. False for a pass that reads no pool view (the engine's decode-view and
+                gathered-view passes), which compaction would not make faster.
 
-        Defragments first when fragmentation exceeds `defrag_threshold` and compaction would lower n_kv.
         Raises `ShapeMismatch`, `PositionError`, `TooManySequences`, `CacheFull` (with `asked` and
         `free`); a refused batch changes nothing.
         """
@@ -333,7 +336,7 @@ class CausalCache:
         cells = self._cells
         decode = cells.decode_tables(batch)  # the fast path of a plain decode step, else validate in full
         plans = cells.plan_batch(batch) if decode is None else []
-        if self._should_defrag():
+        if defrag and self._should_defrag():
             self._defrag()
             decode = cells.decode_tables(batch)
             plans = cells.plan_batch(batch) if decode is None else []
@@ -495,6 +498,13 @@ class CausalCache:
         without copying the table. Raises `DTypeMismatch` / `IndexOutOfRange` (not an int64 integer)."""
         self._check_open()
         return self._cells.length(seq_id(seq))
+
+    @exclusive
+    def lengths(self, seqs: Any) -> np.ndarray:
+        """``[S]`` int64 the `length` of each of ``seqs [S]`` (sequence ids), in one call. Raises
+        `DTypeMismatch` / `IndexOutOfRange` (ids that are not int64 integers)."""
+        self._check_open()
+        return self._cells.lengths(as_int_array("seqs", seqs))
 
     @exclusive
     def cell_table(self, seq: int) -> tuple[np.ndarray, np.ndarray]:

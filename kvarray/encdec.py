@@ -118,14 +118,15 @@ class EncoderDecoderCache:
 
     # ---- cache management ------------------------------------------------------------------------
     @exclusive
-    def start_forward(self, seq_ids: Any, positions: Any) -> EncDecPlan:
-        """Plan a decoder pass over ``seq_ids [T]``, ``positions [T]`` on both caches.
+    def start_forward(self, seq_ids: Any, positions: Any, defrag: bool = True) -> EncDecPlan:
+        """Plan a decoder pass over ``seq_ids [T]``, ``positions [T]`` on both caches (`defrag`: whether the
+        decoder cache may defragment first, `CausalCache.start_forward`).
 
         Raises `NoEncoderEntry` (a sequence without a complete encoder entry), and whatever
         `CausalCache.start_forward` raises (`CacheFull`, `PositionError`, ...); then neither cache changed.
         """
         cross = self.encoder.make_plan(seq_ids, positions)  # validates, changes nothing
-        self_plan = self.causal.start_forward(seq_ids, positions)
+        self_plan = self.causal.start_forward(seq_ids, positions, defrag)
         self.encoder.use(cross)
         self._plan = EncDecPlan(self_plan, cross)
         return self._plan

@@ -186,7 +186,10 @@ class ForwardPlan:
     @cached_property
     def gathered_lengths(self) -> np.ndarray:
         """``[S]`` int32 cells of each sequence of the batch (the gathered view's lengths)."""
-        return frozen(np.diff(self.page_table.kv_indptr).astype(np.int32))
+        if self._table_slots is None or "page_table" in self.__dict__:
+            return frozen(np.diff(self.page_table.kv_indptr).astype(np.int32))
+        self.check_current()  # a plain decode step: the table lengths, without building the page table
+        return frozen(self._cells.tables.length[self._table_slots])
 
     @cached_property
     def logits_index(self) -> np.ndarray:

@@ -271,6 +271,43 @@ def test_start_forward_defragments_past_the_threshold_and_views_stay_exact(kv_dt
         np.testing.assert_allclose(gathered.keys[s, :, :length], expected, atol=tolerance)
 
 
+def test_start_forward_without_defrag_leaves_the_holes() -> None:
+    """``defrag=False`` (a pass that reads no pool view) plans around the holes past the threshold; the
+    next pass that may defragment compacts them."""
+    cache = CausalCache(SPEC, capacity=128, max_sequences=4, xp=np)
+    for seq, length in [(0, 40), (1, 40), (2, 10)]:
+        step(cache, [seq] * length, list(range(length)))
+    cache.remove(1)  # fragmentation 0.48, past the default threshold 0.1
+    plan = cache.start_forward([2, 0], [10, 40], defrag=False)
+    put_all(cache, plan, cache.spec.num_kv_heads, cache.spec.head_dim)
+    assert (cache.stats().defrags, plan.n_kv, plan.slot_mapping.tolist()) == (0, 96, [90, 40])
+    plan = step(cache, [2, 0], [11, 41])
+    assert (cache.stats().defrags, plan.n_kv, cache.stats().cells_used) == (1, 64, 54)
+    for seq, length in [(0, 42), (2, 12)]:
+        keys = cache.get(0, "gathered").keys[[2, 0].index(seq), 0, :length, 0]
+        assert keys.tolist() == [code(seq, p)[0, 0] for p in range(length)]
+
+
+def test_lengths_of_many_sequences_in_one_call() -> None:
+    cache = CausalCache(SPEC, capacity=64, max_sequences=4, xp=np)
+    step(cache, [0, 0, 0, 5, 5], [0, 1, 2, 0, 1])
+    assert cache.lengths([5, 0, 7]).tolist() == [2, 3, 0]
+    assert cache.lengths(np.array([], np.int64)).tolist() == []
+    with pytest.raises(DTypeMismatch):
+        cache.lengths([0.5])
+
+
+def test_gathered_lengths_of_a_decode_step_match_its_page_table() -> None:
+    """A plain decode step's `gathered_lengths` come from the table lengths, without the page table."""
+    cache = CausalCache(SPEC, capacity=64, max_sequences=4, xp=np)
+    step(cache, [0] * 5 + [1] * 2, list(range(5)) + [0, 1])
+    plan = cache.start_forward([1, 0], [2, 5])
+    assert "page_table" not in vars(plan)
+    lengths = plan.gathered_lengths
+    assert "page_table" not in vars(plan) and lengths.dtype == np.int32
+    assert lengths.tolist() == np.diff(plan.page_table.kv_indptr).tolist() == [3, 6]
+
+
 def test_defrag_forced_and_between_passes() -> None:
     cache = CausalCache(SPEC, capacity=64, max_sequences=4, defrag_threshold=None, xp=np)
     step(cache, [0, 1, 0, 1], [0, 0, 1, 1])

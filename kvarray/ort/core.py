@@ -78,6 +78,8 @@ class EngineOptions(Protocol):
     def max_batch_tokens(self) -> int: ...
     @property
     def kernel_threads(self) -> int: ...
+    @property
+    def prompt_pass_tokens(self) -> int: ...
 
 
 #: the cache a runner works on: decoder-only (`CausalCache`) or encoder-decoder (`EncoderDecoderCache`)
@@ -112,7 +114,8 @@ class EngineCore(Generic[C]):
         runner: the model-specific part (`Runner`); its lifecycle hooks are called at admission and finish.
         cache: what `runner.forward` reads and writes; its decoder self-attention `CausalCache` (the
             cache itself, or ``cache.causal``) is what admission counts and finished requests free.
-        options: capacity, max_sequences, prefill_chunk, max_batch_tokens, kernel_threads (`EngineOptions`).
+        options: capacity, max_sequences, prefill_chunk, max_batch_tokens, prompt_pass_tokens,
+            kernel_threads (`EngineOptions`).
         prefix_sharing: share a running request's cells of a common prompt prefix (off with a window).
         context: the model's context (max decoder positions); None: unbounded.
         eos_token_id: default stop token (None: the runner's eos, if any).
@@ -152,7 +155,8 @@ class EngineCore(Generic[C]):
         chunk = options.prefill_chunk if window is None else min(options.prefill_chunk, window)
         sharing = prefix_sharing and window is None
         self.scheduler = Scheduler(
-            capacity, options.max_sequences, chunk, options.max_batch_tokens, sharing, runner.split_prefill
+            capacity, options.max_sequences, chunk, options.max_batch_tokens, sharing, runner.split_prefill,
+            options.prompt_pass_tokens,
         )
         self._capacity = capacity
         self._window, self._sinks = window, self._cells.sinks
@@ -172,7 +176,10 @@ class EngineCore(Generic[C]):
 
     @staticmethod
     def _check_options(options: EngineOptions) -> None:
-        for name in ("capacity", "max_sequences", "prefill_chunk", "max_batch_tokens", "kernel_threads"):
+        for name in (
+            "capacity", "max_sequences", "prefill_chunk", "max_batch_tokens", "prompt_pass_tokens",
+            "kernel_threads",
+        ):  # fmt: skip
             value = getattr(options, name)
             least = 0 if name == "kernel_threads" else 1
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
@@ -184,7 +191,7 @@ class EngineCore(Generic[C]):
         return self.runner.binder
 
     @property
-    def _new_keys(self) -> list[np.ndarray]:
+    def _new_keys(self) -> list[np.ndarray] | np.ndarray:
         """The last pass's new keys ``[T, H, D]`` per layer, as put into the cache."""
         return self.runner.new_keys
 
@@ -355,7 +362,10 @@ class EngineCore(Generic[C]):
 
     def _run(self, batch: Batch) -> list[TokenEvent]:
         """Make the pass of `batch`; when it raises, roll it back and retry its requests in halves."""
-        held = {req.id: self._cells.length(req.id) for req, _ in batch.fed}
+        # cells each request holds before the pass: its computed tokens, but fewer under a window
+        held = {req.id: req.computed for req, _ in batch.fed}
+        if self._window is not None:
+            held = dict(zip(held, self._cells.lengths(list(held)).tolist(), strict=True))
         try:
             return self._pass(batch)
         except Exception as exc:  # noqa: BLE001 - isolated below: the culprits fail, the others retry
@@ -401,7 +411,9 @@ class EngineCore(Generic[C]):
         """One forward pass of `batch`: plan, run (`put` included), sample, commit. Raises, with nothing
         committed, when the plan, the run or the logits' shape fails; a row whose sampling fails fails
         its request alone."""
-        plan = self.cache.start_forward(batch.seq_ids, batch.positions)
+        # compaction shortens the pool view only: the cache may defragment before a pass that reads it
+        pool = self.runner.reads_pool(self.cache, batch)
+        plan = self.cache.start_forward(batch.seq_ids, batch.positions, pool)
         logits, run_time = self.runner.forward(self.cache, plan, batch)
         rows = len(batch.sampled)
         if logits.ndim != 2 or logits.shape[0] < rows:

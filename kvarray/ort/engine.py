@@ -101,7 +101,12 @@ class EngineConfig:
         capacity: cache cells (tokens held at once over all requests, shared cells once).
         max_sequences: requests running at once.
         prefill_chunk: prompt tokens one request feeds per pass at most.
-        max_batch_tokens: tokens per pass at most.
+        max_batch_tokens: tokens per pass at most; with prompt passes kept apart from decode passes (view
+            "auto"), also the prompt tokens fed between two decode passes.
+        prompt_pass_tokens: tokens a pass of prompt chunks alone (no decode token) feeds at most. A
+            pool-view pass scores each of its tokens against all the others, those of other requests
+            included, so a long pass of several prompts wastes attention: 128 prefilled 16 prompts of
+            128 tokens in 0.84 s, 512 in 0.97-1.16 s (docs/engine.md, "Prompt passes").
         kv_dtype: float32, float16 or int8 storage. A native graph takes its own storage dtype
             (`Engine.from_model_dir` loads the matching graph); under an Optimum graph the cache stores
             kv_dtype and the gathered view converts it to the graph's dtype.
@@ -116,7 +121,9 @@ class EngineConfig:
             default: a step's writes are small, and waking parallel workers costs more than the copy
             (measured: 16 rows of a 4-layer model, 0.1 ms with 1 thread, 4-20 ms with 2 on a busy machine).
             0: leave Numba's setting alone.
-        defrag_threshold: the cache's (None: never defragment).
+        defrag_threshold: the cache's (None: never defragment). The engine lets the cache defragment only
+            before a pass that reads the pool view (`Runner.reads_pool`): compaction shortens that view
+            and nothing else, so decode-view and gathered-view passes skip it.
         view: `ViewChoice` of a native graph: "pool", "gathered" or "auto" (`Engine.from_model_dir` loads
             the graphs it needs; ignored for Optimum graphs, which always read the gathered view).
         gathered_min_sequences: with "auto", passes of one token per sequence and at least this many
@@ -139,6 +146,7 @@ class EngineConfig:
     defrag_threshold: float | None = 0.1
     view: ViewChoice = ViewChoice.AUTO
     gathered_min_sequences: int | None = None
+    prompt_pass_tokens: int = 128
 
 
 class Engine(EngineCore[CausalCache]):

@@ -310,8 +310,8 @@ class NativeStepRunner(Runner):
         self._bound_cells = (-1, -1)  # the pool cells [lo, hi) bound as the past
         self._bound_tokens = -1
         self._bound_rows = -1
-        self.new_keys: list[np.ndarray] = []
-        self.new_values: list[np.ndarray] = []
+        self.new_keys: list[np.ndarray] | np.ndarray = []
+        self.new_values: list[np.ndarray] | np.ndarray = []
         self._logits = np.empty((0, self.vocab_size), np.float32)
 
     def _run_step(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]:
@@ -322,7 +322,7 @@ class NativeStepRunner(Runner):
         seconds = time.perf_counter() - start
         if self._staged is not None:  # the decode view over the mirror: all layers' rows in one gather,
             keys, values = self._staged.new_rows()  # written by one put_layers call
-            self.new_keys, self.new_values = list(keys), list(values)
+            self.new_keys, self.new_values = keys, values
             self._staged.commit()
             cache.put_layers(keys, values)
             return self._logits, seconds
@@ -334,9 +334,14 @@ class NativeStepRunner(Runner):
             cache.put(layer, self.new_keys[layer], self.new_values[layer])
         return self._logits, seconds
 
+    def reads_pool(self, cache: CausalCache, batch: Batch) -> bool:
+        """A pool-view graph reads the pool view; gathered and decode views copy each sequence's cells."""
+        return self.view is GraphView.POOL
+
     def close(self) -> None:
         """Forget the bindings."""
         self.binder.clear()
+        self._present = ([], [])
 
     def _bind_step(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> None:
         """Bind what changed since the last pass: the small int64 inputs are copied into fixed buffers
@@ -427,12 +432,13 @@ class NativeStepRunner(Runner):
                 cast(GatheredView, cache.get(layer, "gathered")) for layer in range(self.spec.num_layers)
             ]
             keys, values = [v.keys for v in views], [v.values for v in views]
-        for layer, names in enumerate(self._past_names):
-            binder.bind_input(names[0], keys[layer])
-            binder.bind_input(names[1], values[layer])
-            if decode:
-                binder.bind_output(f"present_key.{layer}", keys[layer])
-                binder.bind_output(f"present_value.{layer}", values[layer])
+        if keys is not self._present[0] or values is not self._present[1]:  # the mirror's, while S stays
+            for layer, names in enumerate(self._past_names):
+                binder.bind_input(names[0], keys[layer])
+                binder.bind_input(names[1], values[layer])
+                if decode:
+                    binder.bind_output(f"present_key.{layer}", keys[layer])
+                    binder.bind_output(f"present_value.{layer}", values[layer])
         self._present = (keys, values)
         self._bound_cells = (-1, -1)  # the pool view is no longer bound
 
@@ -584,7 +590,7 @@ class ViewSwitch(Runner):
         return self._last.binder
 
     @property
-    def new_keys(self) -> list[np.ndarray]:  # type: ignore[override]
+    def new_keys(self) -> list[np.ndarray] | np.ndarray:  # type: ignore[override]
         """The last pass's new keys ``[T, H, D]`` per layer."""
         return self._last.new_keys
 
@@ -594,15 +600,22 @@ class ViewSwitch(Runner):
         return self._last.view
 
     def forward(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]:
-        """Run the pass on the view `pick_view` chooses (the pool view for a decode twin over a cache with a
-        window: positions then go past its rope tables' rows, ``max_position_embeddings``); see `Runner`."""
-        view = pick_view(batch, self.min_sequences, self.twin)
-        if view is GraphView.DECODE and cache.window is not None:
-            view = GraphView.POOL
+        """Run the pass on the view `_pick` chooses; see `Runner`."""
+        view = self._pick(cache, batch)
         self._last = self.runners[view]
         result = self._last.forward(cache, plan, batch)
         self.passes[view] += 1
         return result
+
+    def reads_pool(self, cache: CausalCache, batch: Batch) -> bool:
+        """Whether `batch`'s pass runs on the pool-view graph."""
+        return self._pick(cache, batch) is GraphView.POOL
+
+    def _pick(self, cache: CausalCache, batch: Batch) -> GraphView:
+        """`pick_view`, but the pool view for a decode twin over a cache with a window (positions then go
+        past its rope tables' rows, ``max_position_embeddings``)."""
+        view = pick_view(batch, self.min_sequences, self.twin)
+        return GraphView.POOL if view is GraphView.DECODE and cache.window is not None else view
 
     def close(self) -> None:
         """Forget both runners' bindings."""

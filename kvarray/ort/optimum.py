@@ -239,6 +239,10 @@ class OptimumRunner(Runner):
         binder.run()
         return time.perf_counter() - start
 
+    def reads_pool(self, cache: Any, batch: Batch) -> bool:
+        """An Optimum graph reads the gathered view (each sequence's cells copied): never the pool view."""
+        return False
+
     def close(self) -> None:
         """Forget the bindings and buffers."""
         self.binder.clear()

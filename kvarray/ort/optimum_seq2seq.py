@@ -138,6 +138,10 @@ class OptimumSeq2SeqRunner(EncoderSide):
         self.new_keys: list[np.ndarray] = []
         self.new_values: list[np.ndarray] = []
 
+    def reads_pool(self, cache: Any, batch: Batch) -> bool:
+        """An Optimum graph reads the gathered view (each sequence's cells copied): never the pool view."""
+        return False
+
     def close(self) -> None:
         """Nothing is bound; kept for the `Runner` interface."""
         self.binder.clear()

@@ -46,12 +46,18 @@ class Runner(Protocol):
     tokens: dict[str, Any]  # bos / eos / pad (/ decoder_start) ids from the graph's metadata or folder
     binder: Binder
     info: GraphInfo | None  # kvarray's metadata of the (decoder) graph; None for Optimum exports
-    new_keys: list[np.ndarray]  # the last pass's new keys [T, H, D] per layer, as put into the cache
+    # the last pass's new keys [T, H, D] per layer, as put into the cache (a list, or one [L, T, H, D] array)
+    new_keys: list[np.ndarray] | np.ndarray
     # keep prompt chunks and decode tokens in passes of their own (`Scheduler`'s split_prefill): for a
     # runner whose decode passes read a cheaper graph than mixed passes do
     split_prefill: bool = False
 
     def forward(self, cache: Any, plan: Any, batch: Batch) -> tuple[np.ndarray, float]: ...
+
+    def reads_pool(self, cache: Any, batch: Batch) -> bool:
+        """Whether the pass of `batch` reads the pool view, whose length n_kv a defragmentation shortens:
+        the engine lets the cache defragment (past its threshold) only before such a pass."""
+        return True
 
     def close(self) -> None: ...
 

@@ -132,10 +132,16 @@ class Scheduler:
         max_batch_tokens: tokens per pass at most (decode tokens first, then prefill chunks).
         prefix_sharing: share the cells of the longest common prefix a running request holds.
         split_prefill: never mix decode tokens and prompt chunks in one pass: while some requests decode
-            and others prefill, passes alternate between the two kinds (a prompt pass first). For
-            runners whose decode passes read a cheaper graph than their prompt passes (the engine's
-            "auto" view: a mixed pass runs on the pool-view graph, where each decode token scores every
-            past cell of the window); False: each pass takes every decode token, then prompt chunks.
+            and others prefill, a turn of prompt passes that feeds `max_batch_tokens` prompt tokens (or
+            every prompt token left) comes before each decode pass. For runners whose decode passes read
+            a cheaper graph than their prompt passes (the engine's "auto" view: a mixed pass runs on the
+            pool-view graph, where each decode token scores every past cell of the window); False: each
+            pass takes every decode token, then prompt chunks.
+        prompt_pass_tokens: tokens a pass without decode tokens feeds at most (None: max_batch_tokens).
+            A pool-view graph scores every token of a pass against every other one, so packing the
+            prompts of several requests into one long pass wastes attention on pairs of tokens of
+            different requests, which grows with the square of the pass (docs/engine.md, "Prompt
+            passes").
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class Scheduler:
         max_batch_tokens: int,
         prefix_sharing: bool,
         split_prefill: bool = False,
+        prompt_pass_tokens: int | None = None,
     ) -> None:
         self.capacity = capacity
         self.max_sequences = max_sequences
@@ -153,7 +160,10 @@ class Scheduler:
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.prefix_sharing = prefix_sharing
         self.split_prefill = split_prefill
-        self._prompt_pass_last = False  # split_prefill: the last pass fed prompt chunks
+        self.prompt_pass_tokens = (
+            self.max_batch_tokens if prompt_pass_tokens is None else max(1, int(prompt_pass_tokens))
+        )
+        self._turn = 0  # split_prefill: prompt tokens fed since the last decode pass
         self._passes = 0  # passes committed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -221,10 +231,10 @@ class Scheduler:
         decoding = [r for r in running if r.prefilled]
         prompting = [r for r in running if not r.prefilled]
         feed_prompts = bool(prompting)
-        if self.split_prefill and decoding and prompting:  # alternate the two kinds, prompts first
-            feed_prompts = not self._prompt_pass_last
-        self._prompt_pass_last = feed_prompts
+        if self.split_prefill and decoding and prompting:  # a turn of prompt passes, then a decode pass
+            feed_prompts = self._turn < self.max_batch_tokens
         if decoding and not feed_prompts and len(decoding) <= budget:
+            self._turn = 0
             return self._decode_batch(decoding)  # the common step: one token per request
         if len(decoding) > budget:  # not every decode token fits: the longest-waiting ones first
             decoding.sort(key=lambda r: r.fed_at)
@@ -234,6 +244,8 @@ class Scheduler:
                 parts.append((req, np.asarray(req.output[-1:], np.int64)))
                 budget -= 1
         decode_tokens = len(parts)
+        if not decode_tokens:
+            budget = min(budget, self.prompt_pass_tokens)
         for req in prompting if feed_prompts else ():
             if budget > 0:
                 n = min(self.prefill_chunk, len(req.prompt) - req.computed, budget)
@@ -243,6 +255,7 @@ class Scheduler:
             return None
         lengths = [len(tokens) for _, tokens in parts]
         tokens = np.concatenate([t for _, t in parts])
+        self._turn = 0 if decode_tokens else self._turn + len(tokens)
         seq_ids = np.repeat(np.fromiter((r.id for r, _ in parts), np.int64, len(parts)), lengths)
         starts = np.fromiter((r.computed for r, _ in parts), np.int64, len(parts))
         offsets = np.arange(len(tokens), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)

@@ -72,7 +72,7 @@ class Seq2SeqConfig:
         encoder_capacity: cross rows of the encoder cache (None: ``max_sequences * 1500`` for Whisper,
             ``max_sequences * 512`` for T5).
         max_sequences: requests running at once (each holds one encoder entry).
-        prefill_chunk, max_batch_tokens: as `EngineConfig` (decoder prompt tokens).
+        prefill_chunk, max_batch_tokens, prompt_pass_tokens: as `EngineConfig` (decoder prompt tokens).
         max_encoder_batch: sequences per encoder pass at most (admitted requests are encoded in chunks).
         cross_dtype: storage of the cross K/V: "float32" is bound zero-copy into the float32 graphs;
             "float16" / "int8" halve / quarter the memory and are converted to float32 each step.
@@ -90,6 +90,7 @@ class Seq2SeqConfig:
     spin: bool = True
     kernel_threads: int = 1
     defrag_threshold: float | None = 0.1
+    prompt_pass_tokens: int = 128
 
 
 @dataclass

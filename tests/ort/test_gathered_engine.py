@@ -405,3 +405,35 @@ def test_view_switch_keeps_prompt_and_decode_passes_apart(folder, prompts, expec
     assert [outputs[k] for k in range(3)] == expected[:3]
     assert ((True, True) in kinds) is (view == "pool")
     assert (True, False) in kinds and (False, True) in kinds
+
+
+@pytest.mark.parametrize("view", ["auto", "pool"])
+def test_the_cache_defragments_only_before_passes_on_the_pool_graph(folder, prompts, view):
+    """Requests finishing at different times leave holes in the pool. With the decode twin ("auto"), the
+    cache is compacted only before a pass on the pool-view graph (a prompt pass here), never before a
+    decode-view pass, which compaction would not make faster; the pool graph alone compacts before any
+    pass. Compaction changes no output."""
+    long_prompts = [prompts[0] * 6, prompts[1] * 4, prompts[2] * 12]  # 42, 48 and 36 tokens
+    short, long = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=12)
+
+    def run(threshold: float | None) -> tuple[list[list[int]], list[tuple[GraphView, bool]]]:
+        eng = engine(folder, view=view, prefill_chunk=256, defrag_threshold=threshold)
+        first = eng.add_request(long_prompts[0], short)
+        ids = [first, eng.add_request(long_prompts[1], long)]
+        passes = []  # (the view of each pass, whether the cache defragmented before it)
+        since = 0  # passes since request 0 finished and left its hole
+        while eng.has_work:
+            before = eng.cache.stats().defrags
+            eng.step()
+            passes.append((eng.runner.view, eng.cache.stats().defrags > before))
+            since += eng.request(first).finished
+            if len(ids) == 2 and since == 3:  # two passes over the hole, then a prompt arrives
+                ids.append(eng.add_request(long_prompts[2], long))
+        return [eng.pop(i).output for i in ids], passes
+
+    outputs, passes = run(0.0)
+    assert outputs == run(None)[0]
+    assert [moved for _, moved in passes].count(True) >= 1
+    assert all(view is GraphView.POOL for view, moved in passes if moved)
+    if view == "auto":  # decode-view passes ran over the holes without compacting them
+        assert (GraphView.DECODE, False) in passes

@@ -13,9 +13,9 @@ from kvarray.ort.scheduler import Request, Scheduler
 GREEDY = SamplingParams(max_new_tokens=8)
 
 
-def scheduler(split: bool, budget: int = 8) -> Scheduler:
+def scheduler(split: bool, budget: int = 8, prompt_pass: int | None = None) -> Scheduler:
     return Scheduler(capacity=256, max_sequences=4, prefill_chunk=4, max_batch_tokens=budget,
-                     prefix_sharing=False, split_prefill=split)
+                     prefix_sharing=False, split_prefill=split, prompt_pass_tokens=prompt_pass)
 
 
 def arrive(sched: Scheduler, rid: int, prompt_length: int) -> None:
@@ -58,34 +58,57 @@ MIXED = [
 SPLIT = [
     "0:0-2 | 0",
     "0:3-3 | 0",
-    "1:0-3 | ",  # a prompt pass first when both kinds wait
-    "0:4-4 | 0",  # then a decode pass
-    "1:4-7 2:0-1 | 2",
-    "0:5-5 2:2-2 | 0 2",  # request 1 still prefills: it waits for the next prompt pass
+    "1:0-3 | ",  # prompt passes first when both kinds wait ...
+    "1:4-7 2:0-1 | 2",  # ... until they have fed 8 tokens (the budget) since the last decode pass
+    "0:4-4 2:2-2 | 0 2",  # then a decode pass; request 1 still prefills: it waits for the next turn
     "1:8-9 | 1",
-    "0:6-6 1:10-10 2:3-3 | 0 1 2",  # everyone decodes: one pass of one token each
+    "0:5-5 1:10-10 2:3-3 | 0 1 2",  # everyone decodes: one pass of one token each
+    "0:6-6 1:11-11 2:4-4 | 0 1 2",
+]
+# prompt passes of 3 tokens at most: a turn of three of them (9 >= 8 tokens) before each decode pass
+SPLIT_SHORT = [
+    "0:0-2 | 0",
+    "0:3-3 | 0",
+    "1:0-2 | ",
+    "1:3-5 | ",
+    "1:6-8 | ",
+    "0:4-4 | 0",
+    "1:9-9 2:0-1 | 1 2",
+    "0:5-5 1:10-10 2:2-2 | 0 1 2",
 ]
 
 
-@pytest.mark.parametrize("split, expected", [(False, MIXED), (True, SPLIT)], ids=["mixed", "split"])
-def test_pass_composition(split, expected):
-    assert passes(scheduler(split), len(expected), ARRIVALS) == expected
+@pytest.mark.parametrize(
+    "split, prompt_pass, expected",
+    [(False, None, MIXED), (False, 3, MIXED), (True, None, SPLIT), (True, 3, SPLIT_SHORT)],
+    ids=["mixed", "mixed-short-prompt-passes", "split", "split-short-prompt-passes"],
+)
+def test_pass_composition(split, prompt_pass, expected):
+    """Mixed passes hold decode tokens, so the prompt-pass limit only cuts the first one (3 tokens)."""
+    assert passes(scheduler(split, prompt_pass=prompt_pass), len(expected), ARRIVALS) == expected
+
+
+def test_prompt_passes_alone_keep_to_their_limit():
+    """Passes without decode tokens (no request decodes yet) feed at most `prompt_pass_tokens`."""
+    sched = scheduler(split=False, budget=8, prompt_pass=5)
+    got = passes(sched, 4, {0: [(0, 4), (1, 4)]})
+    assert got == ["0:0-3 1:0-0 | 0", "0:4-4 1:1-3 | 0 1", "0:5-5 1:4-4 | 0 1", "0:6-6 1:5-5 | 0 1"]
 
 
 def test_decode_passes_over_budget_take_the_longest_waiting_first():
     """More decoding requests than the token budget: each decode pass feeds the ones fed longest ago, so
-    none starves; prompt passes still alternate with them."""
+    none starves; turns of prompt passes (2 tokens each here) still come between them."""
     sched = scheduler(split=True, budget=2)
     got = passes(sched, 8, {0: [(0, 1), (1, 1), (2, 1)], 3: [(3, 3)]})
     assert got == [
         "0:0-0 1:0-0 | 0 1",
         "0:1-1 1:1-1 | 0 1",
         "2:0-0 | 2",
+        "3:0-1 | ",  # the turn goes on: 1 prompt token fed since the last decode pass, of 2
         "0:2-2 1:2-2 | 0 1",
-        "3:0-1 | ",
-        "2:1-1 0:3-3 | 2 0",
         "3:2-2 | 3",
-        "1:3-3 0:4-4 | 1 0",
+        "2:1-1 0:3-3 | 2 0",
+        "1:3-3 3:3-3 | 1 3",
     ]
 
 

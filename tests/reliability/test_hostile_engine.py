@@ -210,6 +210,7 @@ MODEL_FILES = [
     ("zero prefill chunk", lambda t: Engine(GRAPH, config(prefill_chunk=0)), ConfigError, "prefill_chunk"),
     ("negative batch", lambda t: Engine(GRAPH, config(max_batch_tokens=-5)), ConfigError, "max_batch_tokens"),
     ("float prefill chunk", lambda t: Engine(GRAPH, config(prefill_chunk=2.5)), ConfigError, "prefill_chunk"),
+    ("zero prompt pass", lambda t: Engine(GRAPH, config(prompt_pass_tokens=0)), ConfigError, "prompt_pass_tokens"),
     ("negative kernel threads", lambda t: Engine(GRAPH, config(kernel_threads=-1)), ConfigError, "kernel_threads"),
     ("zero window", lambda t: Engine(GRAPH, config(window=0)), ConfigError, "window"),
     ("sinks without window", lambda t: Engine(GRAPH, config(sinks=2)), ConfigError, "sinks"),
@@ -219,8 +220,8 @@ MODEL_FILES = [
 
 
 @pytest.mark.parametrize("case", MODEL_FILES, ids=[c[0] for c in MODEL_FILES])
-def test_engine_hostile_model_files_and_options_26_cases(tmp_path, case):
-    assert len(MODEL_FILES) == 26
+def test_engine_hostile_model_files_and_options_27_cases(tmp_path, case):
+    assert len(MODEL_FILES) == 27
     _, build, error, message = case
     with pytest.raises(error, match=message) as caught:
         build(tmp_path)
