@@ -316,7 +316,8 @@ def engine_section(results: Results) -> Section:
         "B prompts of 128 byte tokens, 128 new tokens each, greedy, on the bench Llama (55 M parameters, "
         "random weights, float32), 2 intra-op threads for every system; tok/s = B x 128 / seconds of the "
         'whole call, prefill included. kvarray: the engine with its defaults (view "auto": prompt passes '
-        "on the pool-view graph, decode passes, never mixed with prompt chunks, on the decode-view graph "
+        "of at most 128 tokens on the pool-view graph, decode passes, never mixed with prompt chunks, on "
+        "the decode-view graph "
         "over the runner's own copy of each sequence's past; ONNX Runtime threads spin, as genai's do); "
         "kvarray, pool view: the same engine on the pool-view graph alone, prompt chunks and decode "
         "tokens in one pass. Ratios: kvarray's tok/s over the other "
