@@ -165,13 +165,8 @@ class Cells:
         return 0 if slot is None else int(self.tables.length[slot])
 
     def lengths(self, seqs: np.ndarray) -> np.ndarray:
-        """``[S]`` int64 cells in the table of each of ``seqs [S]`` (0 for a sequence without cells)."""
-        slot = self.tables.slot
-        slots = [slot(seq) for seq in seqs.tolist()]
-        known = np.fromiter((s is not None for s in slots), bool, len(slots))
-        out = np.zeros(len(slots), np.int64)
-        out[known] = self.tables.length[[s for s in slots if s is not None]]
-        return out
+        """``[S]`` int64 `length` of each of ``seqs [S]`` (0 for a sequence without cells)."""
+        return np.fromiter(map(self.length, seqs.tolist()), np.int64, len(seqs))
 
     def last_position(self, seq: int) -> int | None:
         """The highest position `seq` holds, or None for a sequence without cells."""
