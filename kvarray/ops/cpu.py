@@ -11,6 +11,7 @@ Shapes: N pool rows (cells), H kv heads, D head_dim, T rows, S sequences, L padd
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -42,7 +43,7 @@ from .cpu_njit import (
 
 __all__ = [
     "copy_runs", "dequantize_int8", "gather_rows", "kv_layers_writer", "kv_writer", "move_rows",
-    "quantize_int8", "rope_shift", "scatter_rows",
+    "quantize_int8", "rope_shift", "scatter_rows", "swap_thread_limit",
 ]
 
 #: Calls moving fewer bytes than this run the serial twin of their kernel (no thread wake-up, see
@@ -52,17 +53,42 @@ PARALLEL_BYTES = 256 << 10
 DYNAMIC_BYTES = 1 << 20
 
 
+_local = threading.local()  # the calling thread's limit on the threads of its parallel kernels
+
+
+def swap_thread_limit(threads: int) -> int:
+    """Let the calling thread's kernels use at most `threads` Numba threads (0: Numba's own setting; 1:
+    always the serial twins, and `copy_runs` without its helper thread) until the next call; returns the
+    limit it replaces.
+
+    The limit is applied where a kernel would run in parallel, not around every call (a decode step of the
+    engine, `EngineCore.step`, runs only serial twins, and switching Numba's thread count costs tens of
+    microseconds each way)."""
+    previous = getattr(_local, "threads", 0)
+    _local.threads = threads
+    return previous
+
+
 def _launch(kernel: Any, nbytes: int, *args: Any) -> Any:
     """Run `kernel` on `args`, sized by the `nbytes` the call moves.
 
-    Small calls run the kernel's serial twin. Large calls run in parallel with work items handed out one at
+    Small calls, and every call under a thread limit of 1 (`swap_thread_limit`), run the kernel's serial
+    twin. Large calls run in parallel (on at most the limit's threads) with work items handed out one at
     a time (``numba.parallel_chunksize(1)``) instead of one static slice per thread, so a thread the OS
     pauses (a busy machine) does not hold up the others; work items are blocks (64 rows, 64 positions,
     64 KiB), so this costs nothing measurable."""
-    if nbytes < PARALLEL_BYTES:
+    limit = getattr(_local, "threads", 0)
+    if nbytes < PARALLEL_BYTES or limit == 1:
         return kernel.serial(*args)
-    with numba.parallel_chunksize(1) if nbytes >= DYNAMIC_BYTES else nullcontext():
-        return kernel(*args)
+    outer = numba.get_num_threads()
+    if limit and limit < outer:
+        numba.set_num_threads(limit)
+    try:
+        with numba.parallel_chunksize(1) if nbytes >= DYNAMIC_BYTES else nullcontext():
+            return kernel(*args)
+    finally:
+        if limit and limit < outer:
+            numba.set_num_threads(outer)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -336,8 +362,9 @@ def copy_runs(
     before writing anything.
 
     The runs are cut into pieces of at most `PIECE_BYTES`, taken one at a time by the calling thread and,
-    for calls of `PARALLEL_BYTES` or more, a helper thread (`kvarray.ops.cpu_copy`: the caller waits only
-    for pieces the helper took, never for a helper that has not started). Calls writing `STREAM_BYTES` or
+    for calls of `PARALLEL_BYTES` or more (unless the thread limit is 1, `swap_thread_limit`), a helper
+    thread (`kvarray.ops.cpu_copy`: the caller waits only for pieces the helper took, never for a helper
+    that has not started). Calls writing `STREAM_BYTES` or
     more use non-temporal stores, as libc's memcpy does for one large copy, so many runs of a few megabytes
     stream as well as one long copy.
     """
@@ -355,7 +382,7 @@ def copy_runs(
         counters, np.uint64(dst.ctypes.data), dst.nbytes, np.uint64(src.ctypes.data), src.nbytes,
         to_row * row_bytes, from_row * row_bytes, rows * row_bytes, nbytes >= STREAM_BYTES,
     )
-    _COPY_HELPER.run(work, helped=nbytes >= PARALLEL_BYTES)
+    _COPY_HELPER.run(work, helped=nbytes >= PARALLEL_BYTES and getattr(_local, "threads", 0) != 1)
 
 
 def _check_copy_runs(

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-import numba
 import numpy as np
 
 from ..causal import CausalCache
@@ -37,6 +36,7 @@ from ..errors import (
     UnknownToken,
 )
 from ..export import GraphInfo, read_config
+from ..ops.cpu import swap_thread_limit
 from .binding import Binder
 from .runner import Runner
 from .sampling import SamplingParams, sample_each
@@ -297,15 +297,11 @@ class EngineCore(Generic[C]):
         try:
             self._check_open()
             start = time.perf_counter()
-            outer = numba.get_num_threads()
-            inner = min(self._kernel_threads, outer) if self._kernel_threads else outer
-            if inner != outer:
-                numba.set_num_threads(inner)
+            outer = swap_thread_limit(self._kernel_threads)
             try:
                 events = self._step()
             finally:
-                if inner != outer:
-                    numba.set_num_threads(outer)
+                swap_thread_limit(outer)
             self.metrics.step_seconds += time.perf_counter() - start
             return self._deliver(events)
         finally:

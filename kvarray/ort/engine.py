@@ -117,10 +117,11 @@ class EngineConfig:
             instead of sleeping. Spinning answers a few microseconds sooner on an idle machine but keeps
             the cores busy between passes, and on a loaded one it takes CPU from the engine's own Python
             and from other processes (docs/engine_benchmarks.md, "Spinning").
-        kernel_threads: Numba threads of the cache's kernels during a step (`put`, defragmentation); 1 by
-            default: a step's writes are small, and waking parallel workers costs more than the copy
-            (measured: 16 rows of a 4-layer model, 0.1 ms with 1 thread, 4-20 ms with 2 on a busy machine).
-            0: leave Numba's setting alone.
+        kernel_threads: Numba threads of the cache's kernels during a step (`put`, defragmentation), the
+            stepping thread's `kvarray.ops.cpu.swap_thread_limit` while the step runs; 1 by default (the
+            serial kernels): a step's writes are small, and waking parallel workers costs more than the
+            copy (measured: 16 rows of a 4-layer model, 0.1 ms with 1 thread, 4-20 ms with 2 on a busy
+            machine). 0: no limit, Numba's own thread count.
         defrag_threshold: the cache's (None: never defragment). The engine lets the cache defragment only
             before a pass that reads the pool view (`Runner.reads_pool`): compaction shortens that view
             and nothing else, so decode-view and gathered-view passes skip it.

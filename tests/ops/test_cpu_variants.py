@@ -91,3 +91,50 @@ def test_rope_shift(variant, style):
     deltas = np.array([-5, 9, 9], np.int64)
     rope = RopeSpec(theta=10000.0, style=style)
     _assert_same(*_run_both(lambda m, p: m.rope_shift(p, cells, deltas, rope), pool))
+
+
+class _Kernel:
+    """A stand-in for a `_parallel` dispatcher: records which twin ran and Numba's thread count then."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.serial = lambda: self.calls.append(("serial", cpu.numba.get_num_threads()))
+
+    def __call__(self) -> None:
+        self.calls.append(("parallel", cpu.numba.get_num_threads()))
+
+
+@pytest.mark.parametrize(
+    "limit, expected",
+    [(0, ("parallel", 4)), (1, ("serial", 4)), (2, ("parallel", 2)), (8, ("parallel", 4))],
+    ids=["no-limit", "serial", "fewer-threads", "above-numba"],
+)
+def test_thread_limit_applies_where_a_kernel_runs_in_parallel(monkeypatch, limit, expected):
+    """`swap_thread_limit`: 1 runs the serial twin, a limit below Numba's count lowers it for the call
+    alone, 0 and larger limits leave it; small calls are serial whatever the limit."""
+    threads = [4]  # Numba's thread count, faked: this machine may have fewer cores than the case needs
+    monkeypatch.setattr(cpu.numba, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(cpu.numba, "set_num_threads", lambda n: threads.__setitem__(0, n))
+    kernel = _Kernel()
+    before = cpu.swap_thread_limit(limit)
+    try:
+        cpu._launch(kernel, cpu.PARALLEL_BYTES)
+        cpu._launch(kernel, cpu.PARALLEL_BYTES - 1)
+    finally:
+        assert cpu.swap_thread_limit(before) == limit
+    assert kernel.calls == [expected, ("serial", 4)]
+    assert threads == [4]  # restored
+
+
+def test_thread_limit_is_per_thread():
+    import threading
+
+    seen = []
+    before = cpu.swap_thread_limit(1)
+    try:
+        worker = threading.Thread(target=lambda: seen.append(cpu.swap_thread_limit(0)))
+        worker.start()
+        worker.join()
+    finally:
+        cpu.swap_thread_limit(before)
+    assert seen == [0]  # another thread's limit: none set there

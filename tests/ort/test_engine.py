@@ -178,3 +178,29 @@ def test_spin_must_be_a_bool():
     with pytest.raises(ConfigError, match="spin must be True or False, got 0"):
         engine(spin=0)
 
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_kernel_threads_limit_the_cache_kernels_during_a_step_only(prompts, expected, threads):
+    """`EngineConfig.kernel_threads` is the stepping thread's kernel thread limit while a step runs (the
+    runner's `put` included), and the caller's own limit again afterwards."""
+    from kvarray.ops import cpu
+
+    eng = engine(kernel_threads=threads)
+    seen = []
+    forward = eng.runner.forward
+
+    def recording(*args):
+        limit = cpu.swap_thread_limit(0)
+        cpu.swap_thread_limit(limit)  # read it, leave it as it was
+        seen.append(limit)
+        return forward(*args)
+
+    eng.runner.forward = recording
+    before = cpu.swap_thread_limit(3)
+    try:
+        assert eng.generate([prompts[0]], GREEDY) == [expected[0]]
+        assert cpu.swap_thread_limit(before) == 3
+    finally:
+        cpu.swap_thread_limit(before)
+    assert seen and set(seen) == {threads}
