@@ -334,16 +334,16 @@ class CausalCache:
         self._check_open()
         batch = group_batch(to_numpy(seq_ids), to_numpy(positions))
         cells = self._cells
-        decode = cells.decode_tables(batch)  # the fast path of a plain decode step, else validate in full
-        plans = cells.plan_batch(batch) if decode is None else []
-        if defrag and self._should_defrag():
-            self._defrag()
-            decode = cells.decode_tables(batch)
-            plans = cells.plan_batch(batch) if decode is None else []
-        if decode is not None:
-            slot_mapping = cells.commit_decode(batch, decode)
-        else:
+        defrag = defrag and self._should_defrag()
+        decode = None if defrag else cells.commit_decode(batch)  # a plain decode step, allocated at once
+        if decode is None:  # validate in full (a refused batch changes nothing: no compaction either)
+            plans = cells.plan_batch(batch)
+            if defrag:
+                self._defrag()
+                plans = cells.plan_batch(batch)
             slot_mapping = cells.commit_batch(batch, plans)
+        else:
+            slot_mapping = decode.slot_mapping
         _check_slots(slot_mapping, cells.capacity)
         slot_mapping.flags.writeable = False
         self._slots = slot_mapping.astype(np.int64)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+import numba
 import numpy as np
 
 from .batch import Batch, group_batch
@@ -46,17 +47,22 @@ FREE_CELL = -1
 N_KV_MULTIPLE = 32
 
 
+#: `_plain_decode`'s answers: allocated; not a plain decode (nothing changed); a table has no room for
+#: one more entry (nothing changed: `CellTables.make_room`, then call again).
+_DONE, _NOT_PLAIN, _TABLE_FULL = 0, 1, 2
+
+
 def round_up(n: int, multiple: int = N_KV_MULTIPLE) -> int:
     """The smallest multiple of `multiple` that is >= n (0 stays 0)."""
     return -(-n // multiple) * multiple
 
 
 class DecodeStep(NamedTuple):
-    """A plain decode batch (`Cells.decode_tables`): the slot of each sequence's table in `CellTables`
-    and its last cell, ``[S]`` int64 each."""
+    """What `Cells.commit_decode` allocated: ``slot_mapping [S]`` int32, the new cell of each sequence's
+    token, and ``slots [S]`` int64, the slot of each sequence's table in `CellTables`."""
 
+    slot_mapping: np.ndarray
     slots: np.ndarray
-    last: np.ndarray
 
 
 class _SeqPlan(NamedTuple):
@@ -250,48 +256,39 @@ class Cells:
                 raise CacheFull(fresh_total, self.free + released)
         return plans
 
-    def decode_tables(self, batch: Batch) -> DecodeStep | None:
-        """The tables of a plain decode batch, or None when `batch` needs the general path.
+    def commit_decode(self, batch: Batch) -> DecodeStep | None:
+        """Allocate one cell per sequence of a plain decode batch, or return None, changing nothing, when
+        `batch` needs the general path (`plan_batch`, `commit_batch`).
 
-        Plain decode: no window, every token the next one of a live sequence, one token per sequence, and
-        enough free cells. Changes nothing; `commit_decode` then allocates like `commit_batch` would.
+        Plain decode: no window, one token per sequence, each the next one of a live sequence, and enough
+        free cells. Same choices as `commit_batch`: the cell after each sequence's last cell when free
+        (one sequence per cell: the first in batch order), else the lowest free cells in batch order. One
+        compiled call (`_plain_decode`) checks and allocates: a decode step's bookkeeping is otherwise
+        some twenty NumPy calls, each slow when the forward pass has just evicted the caches.
         """
         count = len(batch.seq_ids)
         if self.window is not None or count > self.free or len(batch.sequences) != count:
             return None
-        slots = self.tables.slots(batch.sequences.tolist())
+        tables = self.tables
+        slots = tables.slots(batch.sequences.tolist())
         if slots is None:
             return None
-        cells = self.tables.last(slots)
-        if not (self.positions[cells] == batch.positions - 1).all():
+        slot_mapping = np.empty(count, np.int32)
+        while True:
+            status, lowest, top = _plain_decode(
+                self.positions, self.refs, tables.store, tables.offset, tables.length, tables.room, slots,
+                batch.positions, self._lowest_free, slot_mapping,
+            )  # fmt: skip
+            if status != _TABLE_FULL:
+                break
+            tables.make_room(slots)  # rare: doubling the room makes it once per `room` appends
+        if status == _NOT_PLAIN:
             return None
-        return DecodeStep(slots, cells)
-
-    def commit_decode(self, batch: Batch, step: DecodeStep) -> np.ndarray:
-        """Allocate one cell per sequence of a plain decode batch (`decode_tables`); returns
-        ``slot_mapping [T]`` int32. Same choices as `commit_batch`: the cell after each sequence's last
-        cell when free (one sequence per cell), else the lowest free cells in batch order."""
-        refs = self.refs
-        after = step.last + 1
-        ok = after < self.capacity
-        ok[ok] = refs[after[ok]] == 0
-        taken = after[ok]
-        if len(set(taken.tolist())) != len(taken):  # sequences ending on one shared cell: the first wins
-            first = np.zeros(len(after), bool)
-            first[np.unique(after, return_index=True)[1]] = True
-            ok &= first
-            taken = after[ok]
-        refs[taken] = 1
-        self.used += len(taken)
-        if len(taken) < len(after):
-            after[~ok] = self._take_lowest(len(after) - len(taken))
-        slot_mapping = after.astype(np.int32)
-        self.positions[slot_mapping] = batch.positions
-        self.tables.append(step.slots, slot_mapping)
-        if len(slot_mapping):
-            self._top = max(self._top, int(slot_mapping.max()) + 1)
+        self.used += count
+        self._lowest_free = lowest
+        self._top = max(self._top, top)
         self.generation += 1
-        return slot_mapping
+        return DecodeStep(slot_mapping, slots)
 
     def commit_batch(self, batch: Batch, plans: list[_SeqPlan]) -> np.ndarray:
         """Apply `plan_batch`'s decisions; returns ``slot_mapping [T]`` int32 (the cell of each token).
@@ -544,3 +541,65 @@ class Cells:
         assert self.used == int(np.count_nonzero(self.refs)), "used count drifted"
         assert not self.refs[: self._lowest_free].__eq__(0).any(), "free cell below the lowest-free hint"
         assert not self.refs[self._top :].any(), "used cell above the top"
+
+
+@numba.njit(nogil=True, cache=True)
+def _plain_decode(
+    positions: np.ndarray,
+    refs: np.ndarray,
+    store: np.ndarray,
+    offset: np.ndarray,
+    length: np.ndarray,
+    room: np.ndarray,
+    slots: np.ndarray,
+    batch_positions: np.ndarray,
+    lowest_free: int,
+    slot_mapping: np.ndarray,
+) -> tuple[int, int, int]:
+    """`Cells.commit_decode` in one compiled call: ``(status, lowest free, top)``.
+
+    Checks first, changing nothing unless every check passes: each table (``slots [S]`` into the
+    `CellTables` arrays ``store``, ``offset``, ``length``, ``room``) has room for one more entry
+    (else `_TABLE_FULL`) and ends at position ``batch_positions[s] - 1`` (else `_NOT_PLAIN`). Then each
+    sequence takes the cell after its last one when ``refs`` says it is free, the others the lowest free
+    cells from `lowest_free` up, in batch order; ``slot_mapping [S]`` gets the cells, ``positions`` and
+    ``refs`` the new owners, each table its new cell. The caller has checked that S cells are free.
+    Returns the new `lowest_free` bound and one past the highest cell taken.
+    """
+    count = slots.shape[0]
+    capacity = refs.shape[0]
+    for s in range(count):
+        k = slots[s]
+        if length[k] >= room[k]:
+            return _TABLE_FULL, lowest_free, 0
+        if positions[store[offset[k] + length[k] - 1]] != batch_positions[s] - 1:
+            return _NOT_PLAIN, lowest_free, 0
+    behind = 0
+    for s in range(count):
+        k = slots[s]
+        cell = store[offset[k] + length[k] - 1] + 1
+        if cell < capacity and refs[cell] == 0:  # a second sequence ending on the same cell finds it taken
+            refs[cell] = 1
+            slot_mapping[s] = cell
+        else:
+            slot_mapping[s] = -1
+            behind += 1
+    low = lowest_free
+    if behind:
+        for s in range(count):
+            if slot_mapping[s] < 0:
+                while low < capacity and refs[low] != 0:
+                    low += 1
+                if low == capacity:
+                    raise AssertionError("the free count and the refs disagree")
+                refs[low] = 1
+                slot_mapping[s] = low
+                low += 1
+    top = 0
+    for s in range(count):
+        k, cell = slots[s], slot_mapping[s]
+        positions[cell] = batch_positions[s]
+        store[offset[k] + length[k]] = cell
+        length[k] += 1
+        top = max(top, cell + 1)
+    return _DONE, low, top

@@ -1,8 +1,9 @@
 """Every sequence's cell table in one shared int32 store: host NumPy bookkeeping for `kvarray.cells`.
 
 One store instead of one array per sequence, so that what a decode step asks of all of its sequences at
-once (each one's last cell, a one-cell append to each, the page table) is a few vectorised NumPy calls,
-not a Python loop over sequences.
+once is one pass over a few arrays, not a Python loop over sequences: each one's last cell and a one-cell
+append to each (`Cells.commit_decode` reads and writes ``store``, ``offset``, ``length`` and ``room`` in
+one compiled call, after `make_room`), the page table (`csr`, a few vectorised NumPy calls).
 
 Layout: sequence ids map to dense *slots* (the lowest free one is reused); slot k's table, its cells in
 increasing position order, is ``store[offset[k] : offset[k] + length[k]]``, with room for ``room[k]``
@@ -87,10 +88,6 @@ class CellTables:
         start = int(self.offset[slot])
         return self.store[start : start + int(self.length[slot])]
 
-    def last(self, slots: np.ndarray) -> np.ndarray:
-        """``[S]`` int64 the last cell of each of ``slots [S]`` (every table holds one)."""
-        return self.store[self.offset[slots] + self.length[slots] - 1].astype(np.int64)
-
     def total(self) -> int:
         """Entries over all tables (a cell shared by k sequences counts k times)."""
         return int(self.length.sum(dtype=np.int64))
@@ -138,15 +135,11 @@ class CellTables:
         self.store[start : start + n] = cells
         self.length[slot] += n
 
-    def append(self, slots: np.ndarray, cells: np.ndarray) -> None:
-        """Append ``cells[s]`` to the table of ``slots[s]``, one cell each (`slots` distinct), ``[S]``."""
-        lengths = self.length[slots]
-        full = lengths >= self.room[slots]
-        if full.any():  # rare: doubling the room makes it once per `room` appends
-            for slot in slots[full].tolist():
-                self._reserve(slot, 1)
-        self.store[self.offset[slots] + lengths] = cells
-        self.length[slots] = lengths + 1
+    def make_room(self, slots: np.ndarray) -> None:
+        """Make room for one more entry in each table of ``slots [S]`` that has none (a decode step's
+        append, `Cells.commit_decode`, writes that entry into the arrays itself)."""
+        for slot in slots[self.length[slots] >= self.room[slots]].tolist():
+            self._reserve(slot, 1)
 
     def write(self, slot: int, start: int, cells: np.ndarray) -> None:
         """Overwrite entries ``[start, start + n)`` of slot `slot`'s table with ``cells [n]``."""

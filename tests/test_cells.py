@@ -90,11 +90,64 @@ def test_the_decode_fast_path_allocates_like_the_general_path() -> None:
         seqs = rng.permutation([0, 1, 2, 3, 4, 5]).tolist()
         positions = [1 if s == 4 else 3 for s in seqs]
         batch = group_batch(seqs, positions)
-        found = fast.decode_tables(batch)
-        assert found is not None
-        assert fast.commit_decode(batch, found).tolist() == forward(general, seqs, positions)
+        step = fast.commit_decode(batch)
+        assert step is not None
+        assert step.slot_mapping.tolist() == forward(general, seqs, positions)
+        assert step.slots.tolist() == [fast.tables.slot(s) for s in seqs]
         assert tables(fast) == tables(general)
+        assert_same(snapshot(fast), snapshot(general))
         fast.check()
+
+
+def test_many_decode_steps_grow_the_tables_like_the_general_path() -> None:
+    """Steps of a random subset of sequences in random order, some sequences leaving and coming back: the
+    tables fill their room (`CellTables.make_room`, then the store compacts), the cell after a sequence's
+    last one is often another's, and both paths make the same choices throughout."""
+    rng = np.random.default_rng(5)
+    general, fast = Cells(capacity=600, max_sequences=8), Cells(capacity=600, max_sequences=8)
+    for cells in (general, fast):
+        for seq in range(8):
+            forward(cells, [seq] * 2, [0, 1])
+    for _ in range(60):
+        if rng.random() < 0.1:  # one sequence leaves, a new one starts with a short prompt
+            gone = int(rng.choice(list(fast.tables)))
+            new = max(fast.tables) + 1
+            for cells in (general, fast):
+                cells.remove(gone)
+                forward(cells, [new] * 3, [0, 1, 2])
+        seqs = rng.permutation(list(fast.tables))[: int(rng.integers(1, 9))].tolist()
+        positions = [fast.length(s) for s in seqs]
+        step = fast.commit_decode(group_batch(seqs, positions))
+        assert step is not None
+        assert step.slot_mapping.tolist() == forward(general, seqs, positions)
+        assert_same(snapshot(fast), snapshot(general))
+    assert max(map(fast.length, fast.tables)) > 16  # some table outgrew its first room
+    fast.check()
+
+
+@pytest.mark.parametrize(
+    "seqs, positions, why",
+    [
+        ([0, 1], [3, 2], "a position that does not follow the sequence's last"),
+        ([0, 0], [3, 4], "two tokens of one sequence"),
+        ([0, 7], [3, 0], "a new sequence"),
+        ([0, 1, 2], [3, 3, 3], "more tokens than free cells"),
+    ],
+)
+def test_the_decode_fast_path_refuses_other_batches_and_changes_nothing(seqs, positions, why) -> None:
+    cells = Cells(capacity=8, max_sequences=4)
+    for seq in range(2):
+        forward(cells, [seq] * 3, [0, 1, 2])
+    forward(cells, [2], [0])  # 7 cells used, 1 free
+    before = snapshot(cells)
+    assert cells.commit_decode(group_batch(seqs, positions)) is None, why
+    assert_same(before, snapshot(cells))
+
+
+def test_the_decode_fast_path_is_off_with_a_window() -> None:
+    cells = Cells(capacity=16, max_sequences=2, window=4)
+    forward(cells, [0] * 2, [0, 1])
+    assert cells.commit_decode(group_batch([0], [2])) is None
 
 
 # ---- ring windows with sinks ---------------------------------------------------------------------
@@ -353,17 +406,23 @@ def test_cell_tables_grow_in_place_move_to_the_end_and_compact() -> None:
     assert t.cells(t.slot(9)).tolist() == [0]
 
 
-def test_cell_tables_append_one_cell_each_like_extend() -> None:
+def test_cell_tables_make_room_for_one_more_entry_and_keep_the_tables() -> None:
     t, model = CellTables(sequences=2, entries=16), {}
     for seq in range(5):
         t.add(seq, np.arange(seq + 1, dtype=np.int32) * 10)
         model[seq] = (np.arange(seq + 1) * 10).tolist()
-    for step in range(40):  # rooms fill up, so some appends move tables and compact the store
+    for step in range(40):  # rooms fill up, so some calls move tables and compact the store
         seqs = [s for s in model if (s + step) % 3]
-        cells = [1000 * step + s for s in seqs]
-        t.append(t.slots(seqs), np.array(cells, np.int32))
-        for s, c in zip(seqs, cells, strict=True):
-            model[s].append(c)
+        slots = t.slots(seqs)
+        rooms = {s: int(t.room[t.slot(s)]) for s in model}
+        t.make_room(slots)
+        for s in seqs:
+            slot = t.slot(s)
+            assert t.length[slot] < t.room[slot]
+            if len(model[s]) < rooms[s]:
+                assert t.room[slot] == rooms[s]  # a table with room left keeps it
+            t.extend(slot, np.array([1000 * step + s], np.int32))  # fits without a move now
+            model[s].append(1000 * step + s)
         check_store(t, model)
     assert t.slots([0, 99]) is None
 
