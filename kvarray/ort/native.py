@@ -143,12 +143,27 @@ class DecodeMirror:
     def stage(self, cache: CausalCache, plan: ForwardPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Bring the slots of `plan`'s sequences up to their past; each layer's ``[S, H, Lcap, D]`` keys and
         values (views of the mirror, C-contiguous). ``plan`` must be a pass of one token per sequence."""
-        seqs = plan.sequences.astype(np.int64)
+        seqs = plan.sequences  # int64, read-only
         count = len(seqs)
         past = plan.gathered_lengths.astype(np.int64) - 1  # [S] rows before this pass's token
         width = int(past.max(initial=0)) + 1
         if not self.keys or self.keys[0].shape[0] < count or self.keys[0].shape[2] < width:
             self._grow(count, width)
+        # a run of decode passes: the same sequences in the same slots, each one row further (nothing to copy)
+        steady = count == len(self.sequences) and (self.valid == past).all()
+        if not (steady and (self.sequences == seqs).all()):
+            self._copy_missing(cache, plan, seqs, past)
+        self.sequences, self.valid, self._past = seqs, past, past
+        if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
+            self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
+        return self._views[0], self._views[1]
+
+    def _copy_missing(
+        self, cache: CausalCache, plan: ForwardPlan, seqs: np.ndarray, past: np.ndarray
+    ) -> None:
+        """Copy each slot's rows ``[valid, past)`` from the pool: every row of a new or moved sequence, the
+        rows a kept one gained since its last decode pass (``seqs``, ``past`` ``[S]`` int64)."""
+        count = len(seqs)
         valid = np.zeros(count, np.int64)
         same = min(count, len(self.sequences))
         kept = np.flatnonzero(self.sequences[:same] == seqs[:same])
@@ -166,10 +181,6 @@ class DecodeMirror:
                 self.keys[layer][slot, :, rank] = pool.keys[cells]
                 self.values[layer][slot, :, rank] = pool.values[cells]
             self.copied_rows += total
-        self.sequences, self.valid, self._past = seqs, past, past
-        if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
-            self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
-        return self._views[0], self._views[1]
 
     def commit(self) -> None:
         """The staged pass ran: its rows (written in place by the graph) are valid too."""
