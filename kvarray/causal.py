@@ -253,29 +253,64 @@ class CausalCache:
         written unless every layer's keys and values pass, NaN and infinity included.
         """
         plan = self._current_plan()
-        layers, count = self.spec.num_layers, plan.num_tokens
+        count = plan.num_tokens
+        self._check_layer_rows("put_layers", keys, values)
+        self._write_layers(keys, values, self._device.get("slot_mapping", self._slots), count)
+
+    @exclusive
+    def write_rows(self, seq_ids: Any, positions: Any, keys: Any, values: Any) -> None:
+        """Overwrite the keys and values of positions the sequences already hold, outside a forward pass:
+        for a model that keeps a pass's rows itself and writes them back later (the engine's decode-view
+        runner: docs/engine.md, "Deferred writes").
+
+        Args:
+            seq_ids, positions: ``[T]`` integers: token t is position ``positions[t]`` of ``seq_ids[t]``.
+            keys, values: ``[num_layers, T, num_kv_heads, head_dim]`` in ``spec.dtype`` (as `put_layers`).
+
+        A cell shared by several sequences (prefix sharing) is written for all of them: they hold the same
+        token there. The bookkeeping does not change, so the current plan stays current.
+
+        Raises `UnknownSequence`, `PositionError` (a position the sequence does not hold, or one cell named
+        twice), `DTypeMismatch`, `ShapeMismatch`, `NonFiniteValues`, `CacheClosed`; nothing is written then.
+        """
+        self._check_open()
+        seqs, where = as_int_array("seq_ids", seq_ids), as_int_array("positions", positions)
+        if seqs.shape != where.shape:
+            raise ShapeMismatch(f"seq_ids and positions must be [T] each, got {seqs.shape} and {where.shape}")
+        self._check_layer_rows("write_rows", keys, values)
+        cells = self._cells.cells_at(seqs, where)
+        if len(np.unique(cells)) != len(cells):
+            raise PositionError("write_rows names one cell twice (a token twice, or a shared cell twice)")
+        self._write_layers(keys, values, self.xp.asarray(cells) if self.xp is not np else cells, len(cells))
+
+    def _check_layer_rows(self, what: str, keys: Any, values: Any) -> None:
+        """Refuse keys and values whose leading axis is not the layers (`ShapeMismatch`)."""
+        layers = self.spec.num_layers
         for name, arr in (("keys", keys), ("values", values)):
             shape = tuple(getattr(arr, "shape", ()))
             if len(shape) != 4 or shape[0] != layers:
                 raise ShapeMismatch(
-                    f"put_layers {name} must be [num_layers = {layers}, T, kv_heads, head_dim], got "
+                    f"{what} {name} must be [num_layers = {layers}, T, kv_heads, head_dim], got "
                     f"{list(shape) if shape else type(arr).__name__}"
                 )
-        slots = self._device.get("slot_mapping", self._slots)
+
+    def _write_layers(self, keys: Any, values: Any, cells: Any, count: int) -> None:
+        """Write ``keys[i]``, ``values[i]`` ``[count, H, D]`` of every layer i into ``cells [count]`` (int64,
+        distinct, on the cache's side): every layer's rows checked and scanned before the first write."""
         whole = (count, *self._row_shape)
         if self._layers_writer is not None and type(keys) is np.ndarray and type(values) is np.ndarray and \
                 keys.shape[1:] == whole and values.shape[1:] == whole and keys.flags.c_contiguous and \
                 values.flags.c_contiguous and count:
-            if self._layers_writer(keys, values, slots):
+            if self._layers_writer(keys, values, cells):
                 return
         rows = [(self._check_rows("keys", keys[i], count), self._check_rows("values", values[i], count))
-                for i in range(layers)]
+                for i in range(self.spec.num_layers)]
         if count == 0:
             return
         for layer_keys, layer_values in rows:  # every layer's rows scanned before the first write
             check_finite_kv(layer_keys, layer_values, self._finite)
         for layer, (layer_keys, layer_values) in enumerate(rows):
-            self._writers[layer](layer_keys, layer_values, slots)
+            self._writers[layer](layer_keys, layer_values, cells)
 
     @exclusive_checked(lambda cache, layer, view: check_layer_type(layer))
     def get(self, layer: int, view: View | str = View.POOL) -> PoolView | GatheredView | PageTable:

@@ -193,6 +193,24 @@ class Cells:
             raise UnknownSequence(f"sequence {missing} holds no cells")
         return self.tables.csr(slots)
 
+    def cells_at(self, seqs: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``[T]`` int64 the cell holding position ``positions[t]`` of sequence ``seqs[t]`` (``[T]`` int64
+        each). Raises `UnknownSequence`, `PositionError` (a position the sequence does not hold)."""
+        cells = np.empty(len(seqs), np.int64)
+        for seq in dict.fromkeys(seqs.tolist()):
+            table = self.tables.cells(self._slot(seq))
+            mine = np.flatnonzero(seqs == seq)
+            held = self.positions[table]  # increasing
+            at = np.minimum(np.searchsorted(held, positions[mine]), len(table) - 1)
+            wrong = held[at] != positions[mine]
+            if wrong.any():
+                raise PositionError(
+                    f"sequence {seq} holds no cell at position {int(positions[mine][wrong][0])} "
+                    f"(it holds {len(table)} positions, {int(held[0])} to {int(held[-1])})"
+                )
+            cells[mine] = table[at]
+        return cells
+
     def _slot(self, seq: int) -> int:
         slot = self.tables.slot(int(seq))
         if slot is None:

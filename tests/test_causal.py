@@ -669,3 +669,81 @@ def test_put_layers_refuses_a_dtype_and_needs_a_pass():
     with pytest.raises(DTypeMismatch):
         cache.put_layers(keys.astype(np.float64), values.astype(np.float64))
     assert_state_equal(before, cache.state_dict())
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_write_rows_later_equals_put_layers_in_the_pass(kv_dtype):
+    """Two sequences, the second sharing the first's first 2 cells, then two decode passes without a put
+    whose rows are written afterwards with one `write_rows` (in another order, across the passes): the
+    state equals `put_layers` in each pass, and the last plan stays current."""
+    now, later = twin_caches(kv_dtype)
+    for cache in (now, later):
+        cache.start_forward([0, 0, 0], [0, 1, 2])
+        cache.put_layers(*layered_rows(3, 0))
+        cache.copy_prefix(0, 1, 2)
+        cache.start_forward([1], [2])
+        cache.put_layers(*layered_rows(1, 1))
+    passes = []
+    for seed, (seqs, positions) in enumerate([([0, 1], [3, 3]), ([1, 0], [4, 4])], start=2):
+        keys, values = layered_rows(2, seed)
+        now.start_forward(seqs, positions)
+        now.put_layers(keys, values)
+        plan = later.start_forward(seqs, positions)
+        passes.append((seqs, positions, keys, values))
+    order = [(1, 1), (1, 0), (0, 1), (0, 0)]  # (pass, token): the last pass first, tokens reversed
+    keys = np.stack([passes[p][2][:, t] for p, t in order], axis=1)
+    values = np.stack([passes[p][3][:, t] for p, t in order], axis=1)
+    later.write_rows([passes[p][0][t] for p, t in order], [passes[p][1][t] for p, t in order], keys, values)
+    assert plan.is_current()
+    assert_state_equal(now.state_dict(), later.state_dict())
+
+
+def test_write_rows_writes_a_shared_cell_for_every_owner():
+    cache, _ = twin_caches("float32")
+    cache.start_forward([0, 0, 0], [0, 1, 2])
+    cache.put_layers(*layered_rows(3, 0))
+    cache.copy_prefix(0, 1, 2)
+    keys, values = layered_rows(1, 9)
+    cache.write_rows([1], [1], keys, values)
+    cell = int(cache.cell_table(0)[0][1])
+    assert cell == int(cache.cell_table(1)[0][1])
+    cache.start_forward([0, 1], [3, 2])
+    assert np.array_equal(cache.get(2, "gathered").keys[:, :, 1], keys[2, [0, 0]])  # both sequences' row 1
+
+
+@pytest.mark.parametrize(
+    "seqs, positions, shape, error, match",
+    [
+        ([5], [0], (3, 1, 2, 8), UnknownSequence, "5"),
+        ([0], [3], (3, 1, 2, 8), PositionError, "holds no cell at position 3"),
+        ([0, 0], [1, 1], (3, 2, 2, 8), PositionError, "one cell twice"),
+        ([0, 1], [0, 0], (3, 2, 2, 8), PositionError, "one cell twice"),  # a shared cell, named twice
+        ([0], [0, 1], (3, 1, 2, 8), ShapeMismatch, "seq_ids and positions"),
+        ([0], [0], (2, 1, 2, 8), ShapeMismatch, "write_rows keys must be"),
+        ([0], [0.5], (3, 1, 2, 8), DTypeMismatch, "positions must be integers"),
+    ],
+    ids=["unknown", "not-held", "twice", "shared-twice", "lengths", "layers", "float"],
+)
+def test_write_rows_refuses_and_writes_nothing(seqs, positions, shape, error, match):
+    cache, _ = twin_caches("float32")
+    cache.start_forward([0, 0, 0], [0, 1, 2])
+    cache.put_layers(*layered_rows(3, 0))
+    cache.copy_prefix(0, 1, 2)
+    before = cache.state_dict()
+    with pytest.raises(error, match=match):
+        cache.write_rows(seqs, positions, np.ones(shape, np.float32), np.ones(shape, np.float32))
+    assert_state_equal(before, cache.state_dict())
+
+
+def test_write_rows_refuses_nan_and_writes_nothing():
+    from kvarray.errors import NonFiniteValues
+
+    cache, _ = twin_caches("float32")
+    cache.start_forward([0, 0], [0, 1])
+    cache.put_layers(*layered_rows(2, 0))
+    before = cache.state_dict()
+    keys, values = layered_rows(2, 1)
+    values[2, 1, 0, 3] = np.nan
+    with pytest.raises(NonFiniteValues, match="values"):
+        cache.write_rows([0, 0], [0, 1], keys, values)
+    assert_state_equal(before, cache.state_dict())

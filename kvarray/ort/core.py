@@ -478,6 +478,18 @@ class EngineCore(Generic[C]):
                 ) from error
         return outputs
 
+    def flush(self) -> None:
+        """Write into the cache every row the runner still holds back (waits for a step in progress).
+
+        The decode view's runner keeps a decode pass's new keys and values in its mirror and writes them
+        into the cache's pools later, before any pass that reads the pools (docs/engine.md, "Deferred
+        writes"), so between steps the pools may lack the newest tokens of running requests: call this
+        before reading them (`cache.get`, `state_dict`, `save`). The cell bookkeeping is always current.
+        """
+        with self._stepping, self._lock:
+            self._check_open()
+            self.runner.flush(self.cache)
+
     def close(self) -> None:
         """Release the cache's pools and the bindings (waits for a step in progress); later calls of
         `add_request` or `step` raise `CacheClosed`. Idempotent."""

@@ -113,12 +113,19 @@ class DecodeMirror:
     """The decode view's past, kept across passes: per layer, keys and values ``[slots, H, Lcap, D]``
     (float32, HND, zero-filled), slot s holding the s-th sequence of the last decode pass.
 
-    Invariant: rows ``[0, valid[s])`` of slot s equal the first cells of that sequence in the pool. A pass
-    (`stage`) keeps the slots whose sequence is unchanged and copies each sequence's missing rows
-    ``[valid, past)`` from the pool view, by cell (a new or moved sequence: its whole past, once); its
-    buffers ``[S, H, Lcap, D]`` keep their memory and shape (no rebinding) until the batch's size or
-    Lcap changes. GroupQueryAttention then writes each sequence's new row ``past`` in place, the same
-    float32 values `put` writes into the pool, so after a successful pass (`commit`) ``valid = past + 1``.
+    Invariant: rows ``[0, valid[s])`` of slot s are the first cells of that sequence (row j: position j),
+    and rows ``[0, written[s])`` are in the pool too. A pass (`stage`) keeps the slots whose sequence is
+    unchanged and copies each sequence's missing rows ``[valid, past)`` from the pool view, by cell (a new
+    or moved sequence: its whole past, once); its buffers ``[S, H, Lcap, D]`` keep their memory and shape
+    (no rebinding) until the batch's size or Lcap changes. GroupQueryAttention then writes each
+    sequence's new row ``past`` in place, the same float32 values `put` would write into the pool, so
+    after a successful pass (`commit`) ``valid = past + 1``.
+
+    Deferred writes: a pass's rows are not put into the pool when it runs. The mirror holds them, and
+    `write_back` writes the rows ``[written, valid)`` of every slot whose sequence still holds them in
+    one `CausalCache.write_rows` call: before a pass that changes the slots (`stage`) and whenever the
+    runner is asked to (`NativeStepRunner.flush`: before any pass that reads the pool, and the engine's
+    `flush`). Rows of requests that finished meanwhile are dropped (their cells are free).
 
     Valid while the pool's cells keep their data and order: a float32 cache (an int8 pool holds quantized
     rows) without a window (ring writes reorder a cell table) that only the engine's passes write; the
@@ -135,10 +142,12 @@ class DecodeMirror:
         self.values: list[np.ndarray] = []
         self._first = np.empty((0, 0, 0), np.int64)  # `new_rows`: flat row of (layer, slot, head, row 0)
         self.sequences = np.empty(0, np.int64)  # sequence id of each slot (last pass)
-        self.valid = np.empty(0, np.int64)  # rows of each slot equal to the pool
+        self.valid = np.empty(0, np.int64)  # rows of each slot that hold the sequence's first tokens
+        self.written = np.empty(0, np.int64)  # rows of each slot that the pool holds too (<= valid)
         self._past = np.empty(0, np.int64)  # the staged pass's past lengths
         self._views: tuple[Any, Any] = (None, None)  # the last stage's [S, H, Lcap, D] views per layer
         self.copied_rows = 0  # rows copied from the pool since construction (for tests and reports)
+        self.written_rows = 0  # rows written back into the pool since construction
 
     def stage(self, cache: CausalCache, plan: ForwardPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Bring the slots of `plan`'s sequences up to their past; each layer's ``[S, H, Lcap, D]`` keys and
@@ -147,16 +156,37 @@ class DecodeMirror:
         count = len(seqs)
         past = plan.gathered_lengths.astype(np.int64) - 1  # [S] rows before this pass's token
         width = int(past.max(initial=0)) + 1
-        if not self.keys or self.keys[0].shape[0] < count or self.keys[0].shape[2] < width:
-            self._grow(count, width)
+        fits = bool(self.keys) and self.keys[0].shape[0] >= count and self.keys[0].shape[2] >= width
         # a run of decode passes: the same sequences in the same slots, each one row further (nothing to copy)
-        steady = count == len(self.sequences) and (self.valid == past).all()
+        steady = fits and count == len(self.sequences) and (self.valid == past).all()
         if not (steady and (self.sequences == seqs).all()):
+            self.write_back(cache)  # the slots change: what only they hold goes to the pool first
+            if not fits:
+                self._grow(count, width)
             self._copy_missing(cache, plan, seqs, past)
+            self.written = past  # every row before this pass is in the pool now
         self.sequences, self.valid, self._past = seqs, past, past
         if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
             self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
         return self._views[0], self._views[1]
+
+    def write_back(self, cache: CausalCache) -> None:
+        """Write the rows ``[written, valid)`` of each slot into `cache`, as far as its sequence still
+        holds them (none for a finished request), in one `CausalCache.write_rows` call."""
+        if not (self.written < self.valid).any():
+            return
+        upto = np.minimum(self.valid, cache.lengths(self.sequences))
+        count = np.maximum(upto - self.written, 0)
+        total = int(count.sum())
+        if total:
+            assert self._all is not None
+            slot = np.repeat(np.arange(len(count)), count)
+            first = np.repeat(np.cumsum(count) - count, count)  # each slot's first pending row in the list
+            row = np.arange(total) - first + np.repeat(self.written, count)
+            keys, values = (np.ascontiguousarray(a[:, slot, :, row].transpose(1, 0, 2, 3)) for a in self._all)
+            cache.write_rows(self.sequences[slot], row, keys, values)  # [L, T, H, D]; row j is position j
+            self.written_rows += total
+        self.written = self.valid  # rows a sequence no longer holds are gone from the cache as well
 
     def _copy_missing(
         self, cache: CausalCache, plan: ForwardPlan, seqs: np.ndarray, past: np.ndarray
@@ -213,6 +243,7 @@ class DecodeMirror:
         self._views = (None, None)
         self.sequences = np.empty(0, np.int64)
         self.valid = np.empty(0, np.int64)
+        self.written = np.empty(0, np.int64)
 
 
 def gathered_bias_before_put(plan: ForwardPlan, out: np.ndarray | None = None) -> np.ndarray:
@@ -321,8 +352,9 @@ class NativeStepRunner(Runner):
         self._bound_cells = (-1, -1)  # the pool cells [lo, hi) bound as the past
         self._bound_tokens = -1
         self._bound_rows = -1
-        self.new_keys: list[np.ndarray] | np.ndarray = []
-        self.new_values: list[np.ndarray] | np.ndarray = []
+        self._held_back = False  # the last pass's rows are in the mirror only (`new_keys` reads them there)
+        self.new_keys = []
+        self.new_values = []
         self._logits = np.empty((0, self.vocab_size), np.float32)
 
     def _run_step(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]:
@@ -331,11 +363,9 @@ class NativeStepRunner(Runner):
         start = time.perf_counter()
         self.binder.run()
         seconds = time.perf_counter() - start
-        if self._staged is not None:  # the decode view over the mirror: all layers' rows in one gather,
-            keys, values = self._staged.new_rows()  # written by one put_layers call
-            self.new_keys, self.new_values = keys, values
-            self._staged.commit()
-            cache.put_layers(keys, values)
+        self._held_back = self._staged is not None
+        if self._staged is not None:  # the decode view over the mirror: its rows stay there for now
+            self._staged.commit()  # (`DecodeMirror.write_back` puts them into the pool later)
             return self._logits, seconds
         if self.view is GraphView.DECODE:  # this pass's rows, written into the present buffers
             row, rank = np.arange(plan.num_sequences), plan.gathered_lengths - 1
@@ -348,6 +378,29 @@ class NativeStepRunner(Runner):
     def reads_pool(self, cache: CausalCache, batch: Batch) -> bool:
         """A pool-view graph reads the pool view; gathered and decode views copy each sequence's cells."""
         return self.view is GraphView.POOL
+
+    def flush(self, cache: CausalCache) -> None:
+        """Write the rows the decode view's mirror holds back into `cache` (`DecodeMirror.write_back`)."""
+        self.mirror.write_back(cache)
+
+    @property
+    def new_keys(self) -> list[np.ndarray] | np.ndarray:
+        """The last pass's new keys: ``[T, H, D]`` per layer, or ``[L, S, H, D]`` read back from the
+        mirror after a decode pass over it."""
+        return self.mirror.new_rows()[0] if self._held_back else self._new_keys
+
+    @new_keys.setter
+    def new_keys(self, keys: list[np.ndarray] | np.ndarray) -> None:
+        self._new_keys = keys
+
+    @property
+    def new_values(self) -> list[np.ndarray] | np.ndarray:
+        """The last pass's new values, as `new_keys`."""
+        return self.mirror.new_rows()[1] if self._held_back else self._new_values
+
+    @new_values.setter
+    def new_values(self, values: list[np.ndarray] | np.ndarray) -> None:
+        self._new_values = values
 
     def close(self) -> None:
         """Forget the bindings."""
@@ -613,6 +666,8 @@ class ViewSwitch(Runner):
     def forward(self, cache: CausalCache, plan: ForwardPlan, batch: Batch) -> tuple[np.ndarray, float]:
         """Run the pass on the view `_pick` chooses; see `Runner`."""
         view = self._pick(cache, batch)
+        if view is not self.twin:  # a pool-view pass reads the rows a decode twin still holds back
+            self.runners[self.twin].flush(cache)
         self._last = self.runners[view]
         result = self._last.forward(cache, plan, batch)
         self.passes[view] += 1
@@ -621,6 +676,10 @@ class ViewSwitch(Runner):
     def reads_pool(self, cache: CausalCache, batch: Batch) -> bool:
         """Whether `batch`'s pass runs on the pool-view graph."""
         return self._pick(cache, batch) is GraphView.POOL
+
+    def flush(self, cache: CausalCache) -> None:
+        """Write the rows the twin holds back into `cache` (`NativeStepRunner.flush`)."""
+        self.runners[self.twin].flush(cache)
 
     def _pick(self, cache: CausalCache, batch: Batch) -> GraphView:
         """`pick_view`, but the pool view for a decode twin over a cache with a window (positions then go

@@ -32,7 +32,8 @@ class Runner(Protocol):
 
     `forward` runs the pass the cache's current plan describes (``plan`` from the cache's `start_forward`
     over ``batch.seq_ids`` / ``batch.positions``), writes every layer's new keys and values with the
-    cache's `put`, and returns ``logits [len(batch.logits_index), vocab]`` float32 (rows of the flat
+    cache's `put` (or keeps them and writes them later, before anything reads them from the pools: see
+    `flush`), and returns ``logits [len(batch.logits_index), vocab]`` float32 (rows of the flat
     token indices ``batch.logits_index``) with the seconds spent inside ``session.run``. ``cache`` and
     ``plan`` are a `CausalCache` and its `ForwardPlan` for decoder-only runners, an `EncoderDecoderCache`
     and its `EncDecPlan` for encoder-decoder ones.
@@ -58,6 +59,12 @@ class Runner(Protocol):
         """Whether the pass of `batch` reads the pool view, whose length n_kv a defragmentation shortens:
         the engine lets the cache defragment (past its threshold) only before such a pass."""
         return True
+
+    def flush(self, cache: Any) -> None:
+        """Write into `cache` the rows of earlier passes the runner has kept back (`CausalCache.write_rows`),
+        so that its pools hold every token of every live sequence (the engine's `flush`, for readers of
+        the pools between steps). Runners that `put` in every pass keep nothing back."""
+        return None
 
     def close(self) -> None: ...
 

@@ -122,6 +122,34 @@ def test_auto_eight_requests_arriving_at_different_steps_equal_transformers(
     assert passes[GraphView.POOL] + passes[twin] == eng.metrics.steps
 
 
+def test_rows_held_back_by_the_decode_view_reach_a_newcomer_that_shares_them(folder, prompts):
+    """Request a decodes 6 tokens on the decode graph, whose rows stay in the mirror; then b arrives with a's
+    prompt and first 4 generated tokens as its own prompt: it shares those cells (`copy_prefix`, the last 4
+    held back), and the pass of its last prompt token (one token: the decode graph, in a new slot of the
+    mirror) writes them back before copying b's past from the pool. Both outputs equal each request run
+    alone; a finished request's held-back rows are dropped, not written."""
+    params = SamplingParams(max_new_tokens=10)
+    alone = engine(folder, view="auto", prefill_chunk=256)
+    (a_alone,) = alone.generate([prompts[0]], params)
+    b_prompt = list(prompts[0]) + a_alone[:4]
+    (b_alone,) = alone.generate([b_prompt], params)
+    eng = engine(folder, view="auto", prefill_chunk=256)
+    decode = eng.runner.runners[GraphView.DECODE]
+    a = eng.add_request(prompts[0], params)
+    for _ in range(7):  # the prompt, then 6 decode passes
+        eng.step()
+    assert decode.mirror.written_rows == 0
+    b = eng.add_request(b_prompt, params)
+    eng.step()  # b shares a's cells; the mirror's slots change: a's rows are written back first
+    assert eng.metrics.shared_tokens == len(b_prompt) - 1 and decode.mirror.written_rows == 6
+    while eng.has_work:
+        eng.step()
+    assert eng.pop(a).output == a_alone and eng.pop(b).output == b_alone
+    assert eng.stats().cells_used == 0
+    eng.flush()  # both finished: whatever the mirror still held is dropped with their cells
+    assert eng.stats().cells_used == 0
+
+
 @pytest.mark.parametrize("kv", [KVDtype.INT8, KVDtype.FLOAT16])
 def test_gathered_graph_reads_int8_and_float16_caches(folder, prompts, expected, kv):
     """int8 pools are dequantized by the gather into the float32 graph; a float16 cache goes with the
@@ -174,8 +202,8 @@ def test_gathered_past_is_the_caches_staging_buffer(folder, prompts):
 def test_decode_view_keeps_its_past_across_passes(folder, prompts):
     """Over a float32 cache the decode graph's past is the runner's `DecodeMirror`, bound as both
     past_key.{i} and present_key.{i} (GroupQueryAttention writes each new row in place): the first decode
-    pass copies the prompt's rows from the pool, the next ones copy nothing, and the mirror's rows stay
-    equal to the cache's gathered view."""
+    pass copies the prompt's rows from the pool, the next ones copy nothing and write nothing back, and
+    after `flush` the mirror's rows equal the cache's gathered view."""
     eng = engine(folder, view="auto", prefill_chunk=256)
     decode = eng.runner.runners[GraphView.DECODE]
     eng.add_request(prompts[1], GREEDY)
@@ -190,6 +218,11 @@ def test_decode_view_keeps_its_past_across_passes(folder, prompts):
     assert past.pointer == present.pointer == decode.mirror.keys[0].ctypes.data
     assert past.shape == (1, 2, 256, 16)  # Lcap rows: bound once, not once per step
     length = len(prompts[1]) + 6  # the prompt and 6 decoded tokens are in the cache
+    assert decode.mirror.written_rows == 0  # the 6 decode passes' rows are in the mirror only
+    eng.flush()
+    assert decode.mirror.written_rows == 6
+    eng.flush()
+    assert decode.mirror.written_rows == 6  # nothing left to write
     plan = eng.cache.start_forward([0], [length])  # a plan to read the cache's own gathered view
     for layer in range(2):
         gathered = eng.cache.get(layer, "gathered")
