@@ -114,12 +114,12 @@ class DecodeMirror:
     (float32, HND, zero-filled), slot s holding the s-th sequence of the last decode pass.
 
     Invariant: rows ``[0, valid[s])`` of slot s are the first cells of that sequence (row j: position j),
-    and rows ``[0, written[s])`` are in the pool too. A pass (`stage`) keeps the slots whose sequence is
-    unchanged and copies each sequence's missing rows ``[valid, past)`` from the pool view, by cell (a new
-    or moved sequence: its whole past, once); its buffers ``[S, H, Lcap, D]`` keep their memory and shape
-    (no rebinding) until the batch's size or Lcap changes. GroupQueryAttention then writes each
-    sequence's new row ``past`` in place, the same float32 values `put` would write into the pool, so
-    after a successful pass (`commit`) ``valid = past + 1``.
+    and rows ``[0, written[s])`` are in the pool too. A pass (`stage`) keeps each sequence's rows (moving
+    them to its new slot when a request before it left) and copies its missing rows ``[valid, past)``
+    from the pool view, by cell (a new sequence: its whole past, once); its buffers ``[S, H, Lcap, D]``
+    keep their memory and shape (no rebinding) until the batch's size or Lcap changes.
+    GroupQueryAttention then writes each sequence's new row ``past`` in place, the same float32 values
+    `put` would write into the pool, so after a successful pass (`commit`) ``valid = past + 1``.
 
     Deferred writes: a pass's rows are not put into the pool when it runs. The mirror holds them, and
     `write_back` writes the rows ``[written, valid)`` of every slot whose sequence still holds them in
@@ -147,6 +147,7 @@ class DecodeMirror:
         self._past = np.empty(0, np.int64)  # the staged pass's past lengths
         self._views: tuple[Any, Any] = (None, None)  # the last stage's [S, H, Lcap, D] views per layer
         self.copied_rows = 0  # rows copied from the pool since construction (for tests and reports)
+        self.moved_rows = 0  # rows moved between slots since construction
         self.written_rows = 0  # rows written back into the pool since construction
 
     def stage(self, cache: CausalCache, plan: ForwardPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -160,44 +161,64 @@ class DecodeMirror:
         # a run of decode passes: the same sequences in the same slots, each one row further (nothing to copy)
         steady = fits and count == len(self.sequences) and (self.valid == past).all()
         if not (steady and (self.sequences == seqs).all()):
-            self.write_back(cache)  # the slots change: what only they hold goes to the pool first
-            if not fits:
-                self._grow(count, width)
-            self._copy_missing(cache, plan, seqs, past)
-            self.written = past  # every row before this pass is in the pool now
+            self._restage(cache, plan, seqs, past, not fits)
         self.sequences, self.valid, self._past = seqs, past, past
         if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
             self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
         return self._views[0], self._views[1]
 
-    def write_back(self, cache: CausalCache) -> None:
-        """Write the rows ``[written, valid)`` of each slot into `cache`, as far as its sequence still
-        holds them (none for a finished request), in one `CausalCache.write_rows` call."""
-        if not (self.written < self.valid).any():
+    def write_back(self, cache: CausalCache, slots: np.ndarray | None = None) -> None:
+        """Write the rows ``[written, valid)`` of each slot (of `slots` ``[n]``, None: every slot) into
+        `cache`, as far as its sequence still holds them (none for a finished request), in one
+        `CausalCache.write_rows` call."""
+        every = np.arange(len(self.valid)) if slots is None else slots
+        pending = every[self.written[every] < self.valid[every]]
+        if not len(pending):
             return
-        upto = np.minimum(self.valid, cache.lengths(self.sequences))
-        count = np.maximum(upto - self.written, 0)
+        seqs, written = self.sequences[pending], self.written[pending]
+        count = np.maximum(np.minimum(self.valid[pending], cache.lengths(seqs)) - written, 0)
         total = int(count.sum())
         if total:
             assert self._all is not None
-            slot = np.repeat(np.arange(len(count)), count)
+            slot = np.repeat(pending, count)
             first = np.repeat(np.cumsum(count) - count, count)  # each slot's first pending row in the list
-            row = np.arange(total) - first + np.repeat(self.written, count)
+            row = np.arange(total) - first + np.repeat(written, count)
             keys, values = (np.ascontiguousarray(a[:, slot, :, row].transpose(1, 0, 2, 3)) for a in self._all)
             cache.write_rows(self.sequences[slot], row, keys, values)  # [L, T, H, D]; row j is position j
             self.written_rows += total
-        self.written = self.valid  # rows a sequence no longer holds are gone from the cache as well
+        self.written = self.written.copy()
+        self.written[pending] = self.valid[pending]  # rows a sequence no longer holds left the cache too
 
-    def _copy_missing(
-        self, cache: CausalCache, plan: ForwardPlan, seqs: np.ndarray, past: np.ndarray
+    def _restage(
+        self, cache: CausalCache, plan: ForwardPlan, seqs: np.ndarray, past: np.ndarray, grow: bool
     ) -> None:
-        """Copy each slot's rows ``[valid, past)`` from the pool: every row of a new or moved sequence, the
-        rows a kept one gained since its last decode pass (``seqs``, ``past`` ``[S]`` int64)."""
+        """Fill each slot with its sequence's rows ``[0, past)`` (``seqs``, ``past`` ``[S]`` int64) when the
+        slots change. A sequence of the last pass keeps its rows (moved within the mirror when it changed
+        slots: a request before it left) and copies from the pool only what it gained since; a new one
+        copies its whole past. Rows held back go to the pool first where the pool will be read: all of
+        them when a sequence is new (its past may share cells with another's), else those of sequences
+        that leave the mirror (alive, they come back through the pool)."""
         count = len(seqs)
+        if grow:  # new buffers (more slots or rows): every slot is copied again, from the pool
+            self.write_back(cache)
+            self._grow(count, int(past.max(initial=0)) + 1)
+        slot_of = {seq: slot for slot, seq in enumerate(self.sequences.tolist())}
+        source = np.fromiter((slot_of.get(seq, -1) for seq in seqs.tolist()), np.int64, count)
+        kept = np.flatnonzero(source >= 0)
+        if len(kept) < count:
+            self.write_back(cache)
+        else:
+            self.write_back(cache, np.setdiff1d(np.arange(len(self.sequences)), source))
         valid = np.zeros(count, np.int64)
-        same = min(count, len(self.sequences))
-        kept = np.flatnonzero(self.sequences[:same] == seqs[:same])
-        valid[kept] = np.minimum(self.valid[kept], past[kept])
+        valid[kept] = np.minimum(self.valid[source[kept]], past[kept])
+        written = past.copy()  # rows copied from the pool are in the pool
+        written[kept] = np.minimum(self.written[source[kept]], valid[kept])
+        moved = kept[(source[kept] != kept) & (valid[kept] > 0)]
+        if len(moved):  # whole slabs [layers, H, rows, D] per slot, read before any is written
+            rows = int(valid[moved].max())
+            for array in self._all or ():
+                array[:, moved, :, :rows] = array[:, source[moved], :, :rows]
+            self.moved_rows += int(valid[moved].sum())
         missing = past - valid
         total = int(missing.sum())
         if total:
@@ -211,6 +232,7 @@ class DecodeMirror:
                 self.keys[layer][slot, :, rank] = pool.keys[cells]
                 self.values[layer][slot, :, rank] = pool.values[cells]
             self.copied_rows += total
+        self.written = written
 
     def commit(self) -> None:
         """The staged pass ran: its rows (written in place by the graph) are valid too."""

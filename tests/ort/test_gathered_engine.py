@@ -122,6 +122,49 @@ def test_auto_eight_requests_arriving_at_different_steps_equal_transformers(
     assert passes[GraphView.POOL] + passes[twin] == eng.metrics.steps
 
 
+def test_the_mirror_moves_the_rows_of_sequences_that_change_slots(folder, prompts):
+    """Three requests decode together; the first finishes early, so the other two move down a slot: their
+    rows move within the mirror (nothing more is copied from the pool), and every output equals the
+    request run alone."""
+    lengths = [3, 9, 9]
+    alone = engine(folder, view="auto", prefill_chunk=256)
+    expected = [alone.generate([p], SamplingParams(max_new_tokens=n))[0] for p, n in zip(prompts, lengths)]
+    eng = engine(folder, view="auto", prefill_chunk=256)
+    decode = eng.runner.runners[GraphView.DECODE]
+    ids = [eng.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    for _ in range(3):  # the prompts, then the first decode passes: every prompt's rows copied once
+        eng.step()
+    copied = decode.mirror.copied_rows
+    assert copied == sum(len(p) for p in prompts) and decode.mirror.moved_rows == 0
+    while eng.has_work:
+        eng.step()
+    assert decode.mirror.copied_rows == copied  # the two survivors were moved, not copied again
+    assert decode.mirror.moved_rows > 0
+    assert [eng.pop(i).output for i in ids] == expected
+
+
+def test_a_failed_decode_pass_is_retried_in_halves_over_the_mirror(folder, prompts):
+    """The fourth decode pass fails after the mirror was staged; the engine retries its requests in halves,
+    so sequences leave the mirror alive and come back: their held-back rows go to the pool when they
+    leave and come back from it. Every output equals the request run alone."""
+    params = SamplingParams(max_new_tokens=8)
+    alone = engine(folder, view="auto", prefill_chunk=256)
+    expected = [alone.generate([p], params)[0] for p in prompts]
+    eng = engine(folder, view="auto", prefill_chunk=256)
+    decode = eng.runner.runners[GraphView.DECODE]
+    run, passes = decode.binder.run, []
+
+    def flaky(*args):
+        passes.append(len(passes))
+        if len(passes) == 4:
+            raise RuntimeError("injected: the decode pass fails after staging")
+        return run(*args)
+
+    decode.binder.run = flaky
+    assert len(prompts) == 3 and eng.generate(prompts, params) == expected
+    assert eng.passes_failed == 1 and decode.mirror.written_rows > 0
+
+
 def test_rows_held_back_by_the_decode_view_reach_a_newcomer_that_shares_them(folder, prompts):
     """Request a decodes 6 tokens on the decode graph, whose rows stay in the mirror; then b arrives with a's
     prompt and first 4 generated tokens as its own prompt: it shares those cells (`copy_prefix`, the last 4
