@@ -126,12 +126,12 @@ def test_the_mirror_moves_the_rows_of_sequences_that_change_slots(folder, prompt
     """Three requests decode together; the first finishes early, so the other two move down a slot: their
     rows move within the mirror (nothing more is copied from the pool), and every output equals the
     request run alone."""
-    lengths = [3, 9, 9]
+    each = [SamplingParams(max_new_tokens=n) for n in (3, 9, 9)]
     alone = engine(folder, view="auto", prefill_chunk=256)
-    expected = [alone.generate([p], SamplingParams(max_new_tokens=n))[0] for p, n in zip(prompts, lengths)]
+    expected = [alone.generate([p], params)[0] for p, params in zip(prompts, each, strict=True)]
     eng = engine(folder, view="auto", prefill_chunk=256)
     decode = eng.runner.runners[GraphView.DECODE]
-    ids = [eng.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    ids = [eng.add_request(p, params) for p, params in zip(prompts, each, strict=True)]
     for _ in range(3):  # the prompts, then the first decode passes: every prompt's rows copied once
         eng.step()
     copied = decode.mirror.copied_rows
