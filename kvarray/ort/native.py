@@ -122,10 +122,11 @@ class DecodeMirror:
     `put` would write into the pool, so after a successful pass (`commit`) ``valid = past + 1``.
 
     Deferred writes: a pass's rows are not put into the pool when it runs. The mirror holds them, and
-    `write_back` writes the rows ``[written, valid)`` of every slot whose sequence still holds them in
-    one `CausalCache.write_rows` call: before a pass that changes the slots (`stage`) and whenever the
-    runner is asked to (`NativeStepRunner.flush`: before any pass that reads the pool, and the engine's
-    `flush`). Rows of requests that finished meanwhile are dropped (their cells are free).
+    `write_back` writes the rows ``[written, valid)`` of the slots whose sequence still holds them in one
+    `CausalCache.write_rows` call: when the slots change (`stage`: every slot's when a sequence new to the
+    mirror joins, else those of the sequences that leave it) and whenever the runner is asked to
+    (`NativeStepRunner.flush`: before any pass that reads the pool, and the engine's `flush`). Rows of
+    requests that finished meanwhile are dropped (their cells are free).
 
     Valid while the pool's cells keep their data and order: a float32 cache (an int8 pool holds quantized
     rows) without a window (ring writes reorder a cell table) that only the engine's passes write; the
