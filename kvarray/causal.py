@@ -252,10 +252,9 @@ class CausalCache:
         Raises what `put` raises, `ShapeMismatch` also for a leading axis other than num_layers. Nothing is
         written unless every layer's keys and values pass, NaN and infinity included.
         """
-        plan = self._current_plan()
-        count = plan.num_tokens
+        self._current_plan()
         self._check_layer_rows("put_layers", keys, values)
-        self._write_layers(keys, values, self._device.get("slot_mapping", self._slots), count)
+        self._write_layers(keys, values, self._device.get("slot_mapping", self._slots))
 
     @exclusive
     def write_rows(self, seq_ids: Any, positions: Any, keys: Any, values: Any) -> None:
@@ -281,7 +280,7 @@ class CausalCache:
         cells = self._cells.cells_at(seqs, where)
         if len(np.unique(cells)) != len(cells):
             raise PositionError("write_rows names one cell twice (a token twice, or a shared cell twice)")
-        self._write_layers(keys, values, self.xp.asarray(cells) if self.xp is not np else cells, len(cells))
+        self._write_layers(keys, values, self.xp.asarray(cells))
 
     def _check_layer_rows(self, what: str, keys: Any, values: Any) -> None:
         """Refuse keys and values whose leading axis is not the layers (`ShapeMismatch`)."""
@@ -294,9 +293,10 @@ class CausalCache:
                     f"{list(shape) if shape else type(arr).__name__}"
                 )
 
-    def _write_layers(self, keys: Any, values: Any, cells: Any, count: int) -> None:
-        """Write ``keys[i]``, ``values[i]`` ``[count, H, D]`` of every layer i into ``cells [count]`` (int64,
+    def _write_layers(self, keys: Any, values: Any, cells: Any) -> None:
+        """Write ``keys[i]``, ``values[i]`` ``[T, H, D]`` of every layer i into ``cells [T]`` (int64,
         distinct, on the cache's side): every layer's rows checked and scanned before the first write."""
+        count = len(cells)
         whole = (count, *self._row_shape)
         if self._layers_writer is not None and type(keys) is np.ndarray and type(values) is np.ndarray and \
                 keys.shape[1:] == whole and values.shape[1:] == whole and keys.flags.c_contiguous and \

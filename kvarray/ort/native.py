@@ -141,7 +141,6 @@ class DecodeMirror:
         self._all: tuple[np.ndarray, np.ndarray] | None = None  # keys, values [layers, slots, H, Lcap, D]
         self.keys: list[np.ndarray] = []  # each layer's [slots, H, Lcap, D] (views of the one array)
         self.values: list[np.ndarray] = []
-        self._first = np.empty((0, 0, 0), np.int64)  # `new_rows`: flat row of (layer, slot, head, row 0)
         self.sequences = np.empty(0, np.int64)  # sequence id of each slot (last pass)
         self.valid = np.empty(0, np.int64)  # rows of each slot that hold the sequence's first tokens
         self.written = np.empty(0, np.int64)  # rows of each slot that the pool holds too (<= valid)
@@ -180,12 +179,10 @@ class DecodeMirror:
         count = np.maximum(np.minimum(self.valid[pending], cache.lengths(seqs)) - written, 0)
         total = int(count.sum())
         if total:
-            assert self._all is not None
             slot = np.repeat(pending, count)
             first = np.repeat(np.cumsum(count) - count, count)  # each slot's first pending row in the list
             row = np.arange(total) - first + np.repeat(written, count)
-            keys, values = (np.ascontiguousarray(a[:, slot, :, row].transpose(1, 0, 2, 3)) for a in self._all)
-            cache.write_rows(self.sequences[slot], row, keys, values)  # [L, T, H, D]; row j is position j
+            cache.write_rows(self.sequences[slot], row, *self._rows(slot, row))  # row j is position j
             self.written_rows += total
         self.written = self.written.copy()
         self.written[pending] = self.valid[pending]  # rows a sequence no longer holds left the cache too
@@ -241,19 +238,15 @@ class DecodeMirror:
 
     def new_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The staged pass's own rows, which the graph wrote at row ``past[s]`` of each slot: keys and
-        values ``[layers, S, H, D]`` (C-contiguous, fresh arrays; ``keys[i]`` is layer i's ``[S, H, D]``
-        for `put`), in one gather each over all layers."""
+        values ``[layers, S, H, D]`` (C-contiguous, fresh arrays; ``keys[i]`` is layer i's ``[S, H, D]``)."""
+        return self._rows(np.arange(len(self._past)), self._past)
+
+    def _rows(self, slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``rows[t]`` of slot ``slots[t]`` (``[T]`` each) in every layer: keys and values
+        ``[layers, T, H, D]`` (C-contiguous, fresh arrays)."""
         assert self._all is not None
-        keys, values = self._all
-        layers, slots, heads, rows, dim = keys.shape
-        count = len(self._past)
-        if self._first.shape != (layers, count, heads):  # row (i, s, h, 0) of the flat [..., D] arrays
-            first = (np.arange(layers)[:, None, None] * slots + np.arange(count)[None, :, None]) * heads
-            self._first = (first + np.arange(heads)[None, None, :]) * rows
-        at = (self._first + self._past[None, :, None]).reshape(-1)
-        shape = (layers, count, heads, dim)
-        return (keys.reshape(-1, dim).take(at, axis=0).reshape(shape),
-                values.reshape(-1, dim).take(at, axis=0).reshape(shape))
+        keys, values = (np.ascontiguousarray(a[:, slots, :, rows].transpose(1, 0, 2, 3)) for a in self._all)
+        return keys, values
 
     def _grow(self, count: int, width: int) -> None:
         """Room for `count` slots of `width` rows (Lcap: the next multiple of 256); every slot re-copied."""
@@ -262,7 +255,6 @@ class DecodeMirror:
         shape = (self.layers, slots, self.heads, rows, self.dim)
         self._all = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         self.keys, self.values = list(self._all[0]), list(self._all[1])
-        self._first = np.empty((0, 0, 0), np.int64)
         self._views = (None, None)
         self.sequences = np.empty(0, np.int64)
         self.valid = np.empty(0, np.int64)
@@ -690,7 +682,7 @@ class ViewSwitch(Runner):
         """Run the pass on the view `_pick` chooses; see `Runner`."""
         view = self._pick(cache, batch)
         if view is not self.twin:  # a pool-view pass reads the rows a decode twin still holds back
-            self.runners[self.twin].flush(cache)
+            self.flush(cache)
         self._last = self.runners[view]
         result = self._last.forward(cache, plan, batch)
         self.passes[view] += 1
