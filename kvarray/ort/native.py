@@ -111,15 +111,18 @@ def step_mismatches(
 
 class DecodeMirror:
     """The decode view's past, kept across passes: per layer, keys and values ``[slots, H, Lcap, D]``
-    (float32, HND, zero-filled), slot s holding the s-th sequence of the last decode pass.
+    (float32, HND, zero-filled), each sequence of the last decode pass in a slot of its own.
 
-    Invariant: rows ``[0, valid[s])`` of slot s are the first cells of that sequence (row j: position j),
-    and rows ``[0, written[s])`` are in the pool too. A pass (`stage`) keeps each sequence's rows (moving
-    them to its new slot when a request before it left) and copies its missing rows ``[valid, past)``
-    from the pool view, by cell (a new sequence: its whole past, once); its buffers ``[S, H, Lcap, D]``
-    keep their memory and shape (no rebinding) until the batch's size or Lcap changes.
-    GroupQueryAttention then writes each sequence's new row ``past`` in place, the same float32 values
-    `put` would write into the pool, so after a successful pass (`commit`) ``valid = past + 1``.
+    Invariant: rows ``[0, valid[s])`` of slot s are the first cells of sequence ``sequences[s]`` (row j:
+    position j), and rows ``[0, written[s])`` are in the pool too. A pass (`stage`) of S sequences runs
+    over slots ``[0, S)``: a sequence keeps its slot while that slot is below S, and a sequence of a
+    higher slot (others left) or new to the mirror takes a free one, so when requests leave only the
+    sequences of the top slots move. A kept sequence copies from the pool only the rows it gained since
+    (none in a run of decode passes); a new one its whole past, once. The buffers ``[S, H, Lcap, D]``
+    keep their memory and shape (no rebinding) until S or Lcap changes. The graph's row t is slot t, so
+    the runner binds the pass's inputs in slot order (`slot_of`). GroupQueryAttention then writes
+    each sequence's new row ``past`` in place, the same float32 values `put` would write into the pool,
+    so after a successful pass (`commit`) ``valid = past + 1``.
 
     Deferred writes: a pass's rows are not put into the pool when it runs. The mirror holds them, and
     `write_back` writes the rows ``[written, valid)`` of the slots whose sequence still holds them in one
@@ -144,7 +147,10 @@ class DecodeMirror:
         self.sequences = np.empty(0, np.int64)  # sequence id of each slot (last pass)
         self.valid = np.empty(0, np.int64)  # rows of each slot that hold the sequence's first tokens
         self.written = np.empty(0, np.int64)  # rows of each slot that the pool holds too (<= valid)
-        self._past = np.empty(0, np.int64)  # the staged pass's past lengths
+        self.slot_of: np.ndarray | None = None  # [S] each sequence's slot in the staged pass (None: slot i)
+        self._order: np.ndarray | None = None  # [S] the staged pass's sequence in each slot (None: t)
+        self._batch = np.empty(0, np.int64)  # the staged pass's sequences, in its order
+        self._past = np.empty(0, np.int64)  # the staged pass's past lengths, per slot
         self._views: tuple[Any, Any] = (None, None)  # the last stage's [S, H, Lcap, D] views per layer
         self.copied_rows = 0  # rows copied from the pool since construction (for tests and reports)
         self.moved_rows = 0  # rows moved between slots since construction
@@ -152,17 +158,21 @@ class DecodeMirror:
 
     def stage(self, cache: CausalCache, plan: ForwardPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Bring the slots of `plan`'s sequences up to their past; each layer's ``[S, H, Lcap, D]`` keys and
-        values (views of the mirror, C-contiguous). ``plan`` must be a pass of one token per sequence."""
+        values (views of the mirror, C-contiguous), the pass's sequence i in slot ``slot_of[i]`` (None:
+        slot i). ``plan`` must be a pass of one token per sequence."""
         seqs = plan.sequences  # int64, read-only
         count = len(seqs)
         past = plan.gathered_lengths.astype(np.int64) - 1  # [S] rows before this pass's token
         width = int(past.max(initial=0)) + 1
         fits = bool(self.keys) and self.keys[0].shape[0] >= count and self.keys[0].shape[2] >= width
         # a run of decode passes: the same sequences in the same slots, each one row further (nothing to copy)
-        steady = fits and count == len(self.sequences) and (self.valid == past).all()
-        if not (steady and (self.sequences == seqs).all()):
-            self._restage(cache, plan, seqs, past, not fits)
-        self.sequences, self.valid, self._past = seqs, past, past
+        steady = fits and count == len(self._batch) and bool((self._batch == seqs).all())
+        if steady:
+            slot_past = past if self._order is None else past[self._order]
+            steady = bool((self.valid == slot_past).all())
+        if not steady:
+            slot_past = self._restage(cache, plan, past, not fits)
+        self._batch, self.valid, self._past = seqs, slot_past, slot_past
         if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
             self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
         return self._views[0], self._views[1]
@@ -187,18 +197,17 @@ class DecodeMirror:
         self.written = self.written.copy()
         self.written[pending] = self.valid[pending]  # rows a sequence no longer holds left the cache too
 
-    def _restage(
-        self, cache: CausalCache, plan: ForwardPlan, seqs: np.ndarray, past: np.ndarray, grow: bool
-    ) -> None:
-        """Fill each slot with its sequence's rows ``[0, past)`` (``seqs``, ``past`` ``[S]`` int64) when the
-        slots change. A sequence of the last pass keeps its rows (moved within the mirror when it changed
-        slots: a request before it left) and copies from the pool only what it gained since; a new one
-        copies its whole past. Rows held back go to the pool first where the pool will be read: all of
-        them when a sequence is new (its past may share cells with another's), else those of sequences
-        that leave the mirror (alive, they come back through the pool)."""
-        count = len(seqs)
-        if grow:  # new buffers (more slots or rows): every slot is copied again, from the pool
-            self.write_back(cache)
+    def _restage(self, cache: CausalCache, plan: ForwardPlan, past: np.ndarray, grow: bool) -> np.ndarray:
+        """Give each of `plan`'s S sequences a slot below S and fill it with the sequence's rows
+        ``[0, past)`` (``past [S]`` int64, the pass's order); the past of each slot ``[S]``.
+
+        A sequence of the last pass keeps its slot if it is below S, else moves its rows to a free one; it
+        copies from the pool only what it gained since. A new sequence takes a free slot and copies its
+        whole past. Rows held back go to the pool first where the pool will be read: all of them when a
+        sequence is new (its past may share cells with another's), else those of sequences that leave
+        the mirror (alive, they come back through the pool)."""
+        seqs, count = plan.sequences, len(plan.sequences)
+        if grow:  # new buffers, more slots or rows
             self._grow(count, int(past.max(initial=0)) + 1)
         slot_of = {seq: slot for slot, seq in enumerate(self.sequences.tolist())}
         source = np.fromiter((slot_of.get(seq, -1) for seq in seqs.tolist()), np.int64, count)
@@ -207,39 +216,49 @@ class DecodeMirror:
             self.write_back(cache)
         else:
             self.write_back(cache, np.setdiff1d(np.arange(len(self.sequences)), source))
+        target = np.where(source < count, source, -1)  # kept slots, then the free ones in order
+        target[target < 0] = np.setdiff1d(np.arange(count), target)
         valid = np.zeros(count, np.int64)
         valid[kept] = np.minimum(self.valid[source[kept]], past[kept])
         written = past.copy()  # rows copied from the pool are in the pool
         written[kept] = np.minimum(self.written[source[kept]], valid[kept])
-        moved = kept[(source[kept] != kept) & (valid[kept] > 0)]
-        if len(moved):  # whole slabs [layers, H, rows, D] per slot, read before any is written
-            rows = int(valid[moved].max())
+        moved = kept[(source[kept] != target[kept]) & (valid[kept] > 0)]
+        for i in moved.tolist():  # slabs [layers, H, rows, D], from a slot >= S to a free one below
+            rows = int(valid[i])
             for array in self._all or ():
-                array[:, moved, :, :rows] = array[:, source[moved], :, :rows]
-            self.moved_rows += int(valid[moved].sum())
+                array[:, target[i], :, :rows] = array[:, source[i], :, :rows]
+            self.moved_rows += rows
         missing = past - valid
         total = int(missing.sum())
         if total:
             indptr = plan.page_table.kv_indptr.astype(np.int64)
-            slot = np.repeat(np.arange(count), missing)
+            which = np.repeat(np.arange(count), missing)
             first = np.repeat(np.cumsum(missing) - missing, missing)
             rank = np.arange(total, dtype=np.int64) - first + np.repeat(valid, missing)
-            cells = plan.page_table.kv_indices[indptr[slot] + rank]
+            cells = plan.page_table.kv_indices[indptr[which] + rank]
+            slot = target[which]
             for layer in range(self.layers):
                 pool = cast(PoolView, cache.get(layer, "pool"))
                 self.keys[layer][slot, :, rank] = pool.keys[cells]
                 self.values[layer][slot, :, rank] = pool.values[cells]
             self.copied_rows += total
-        self.written = written
+        order = np.empty(count, np.int64)
+        order[target] = np.arange(count)
+        identity = bool((target == np.arange(count)).all())
+        self.slot_of, self._order = (None, None) if identity else (target, order)
+        self.sequences, self.written = seqs[order], written[order]
+        return past[order]
 
     def commit(self) -> None:
         """The staged pass ran: its rows (written in place by the graph) are valid too."""
         self.valid = self._past + 1
 
     def new_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The staged pass's own rows, which the graph wrote at row ``past[s]`` of each slot: keys and
-        values ``[layers, S, H, D]`` (C-contiguous, fresh arrays; ``keys[i]`` is layer i's ``[S, H, D]``)."""
-        return self._rows(np.arange(len(self._past)), self._past)
+        """The staged pass's own rows, which the graph wrote at row ``past`` of each slot: keys and values
+        ``[layers, S, H, D]`` in the pass's order (C-contiguous, fresh arrays; ``keys[i]`` is layer i's
+        ``[S, H, D]``)."""
+        slots = np.arange(len(self._past)) if self.slot_of is None else self.slot_of
+        return self._rows(slots, self._past[slots])
 
     def _rows(self, slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row ``rows[t]`` of slot ``slots[t]`` (``[T]`` each) in every layer: keys and values
@@ -249,16 +268,19 @@ class DecodeMirror:
         return keys, values
 
     def _grow(self, count: int, width: int) -> None:
-        """Room for `count` slots of `width` rows (Lcap: the next multiple of 256); every slot re-copied."""
-        slots = max(count, self.keys[0].shape[0] if self.keys else 0)
-        rows = -(-width // 256) * 256
+        """Room for `count` slots (the next power of two) of `width` rows (Lcap: the next multiple of 256),
+        never less than before; the rows held stay in their slots."""
+        held = self._all
+        slots = max(1 << max(count - 1, 0).bit_length(), held[0].shape[1] if held else 0)
+        rows = max(-(-width // 256) * 256, held[0].shape[3] if held else 0)
         shape = (self.layers, slots, self.heads, rows, self.dim)
         self._all = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        if held is not None:
+            used, valid = held[0].shape[1], int(self.valid.max(initial=0))
+            for new, old in zip(self._all, held, strict=True):
+                new[:, :used, :, :valid] = old[:, :, :, :valid]
         self.keys, self.values = list(self._all[0]), list(self._all[1])
         self._views = (None, None)
-        self.sequences = np.empty(0, np.int64)
-        self.valid = np.empty(0, np.int64)
-        self.written = np.empty(0, np.int64)
 
 
 def gathered_bias_before_put(plan: ForwardPlan, out: np.ndarray | None = None) -> np.ndarray:
@@ -440,16 +462,22 @@ class NativeStepRunner(Runner):
                     f"tokens of {plan.num_sequences} sequences (run it on the pool or gathered view)"
                 )
             small.append(("seqlens_k", plan.gathered_lengths - 1))
-        for name, values in small:
-            buf = self._small.get(name)
-            if buf is None or len(buf) != len(values):  # the same view object while the length stays
-                buf = self._small[name] = self._inputs.view(name, len(values))
-            buf[:] = values
-            binder.bind_input(name, buf)
         if self.view is GraphView.POOL:
             self._bind_pool(cache, plan)
         else:
             self._bind_gathered(cache, plan)
+        slot_of = None if self._staged is None else self._staged.slot_of  # the mirror's slots
+        for name, values in small:
+            buf = self._small.get(name)
+            if buf is None or len(buf) != len(values):  # the same view object while the length stays
+                buf = self._small[name] = self._inputs.view(name, len(values))
+            if slot_of is None:
+                buf[:] = values
+            elif name == "logits_index":  # the pass's row t is the graph's row slot_of[t]
+                np.take(slot_of, values, out=buf)
+            else:
+                buf[slot_of] = values
+            binder.bind_input(name, buf)
         if count != self._bound_tokens and self.view is not GraphView.DECODE:
             out = self.outputs
             self.new_keys = [out.view(f"new_key.{i}", count) for i in range(self.spec.num_layers)]
