@@ -364,9 +364,8 @@ def copy_runs(
     The runs are cut into pieces of at most `PIECE_BYTES`, taken one at a time by the calling thread and,
     for calls of `PARALLEL_BYTES` or more (unless the thread limit is 1, `swap_thread_limit`), a helper
     thread (`kvarray.ops.cpu_copy`: the caller waits only for pieces the helper took, never for a helper
-    that has not started). Calls writing `STREAM_BYTES` or
-    more use non-temporal stores, as libc's memcpy does for one large copy, so many runs of a few megabytes
-    stream as well as one long copy.
+    that has not started). Calls writing `STREAM_BYTES` or more use non-temporal stores, as libc's memcpy
+    does for one large copy, so many runs of a few megabytes stream as well as one long copy.
     """
     _check_copy_runs(src, dst, src_start, dst_start, counts)
     live = np.asarray(counts) > 0

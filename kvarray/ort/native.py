@@ -216,8 +216,9 @@ class DecodeMirror:
             self.write_back(cache)
         else:
             self.write_back(cache, np.setdiff1d(np.arange(len(self.sequences)), source))
+        every = np.arange(count)
         target = np.where(source < count, source, -1)  # kept slots, then the free ones in order
-        target[target < 0] = np.setdiff1d(np.arange(count), target)
+        target[target < 0] = np.setdiff1d(every, target)
         valid = np.zeros(count, np.int64)
         valid[kept] = np.minimum(self.valid[source[kept]], past[kept])
         written = past.copy()  # rows copied from the pool are in the pool
@@ -243,8 +244,8 @@ class DecodeMirror:
                 self.values[layer][slot, :, rank] = pool.values[cells]
             self.copied_rows += total
         order = np.empty(count, np.int64)
-        order[target] = np.arange(count)
-        identity = bool((target == np.arange(count)).all())
+        order[target] = every
+        identity = bool((target == every).all())
         self.slot_of, self._order = (None, None) if identity else (target, order)
         self.sequences, self.written = seqs[order], written[order]
         return past[order]
