@@ -133,7 +133,9 @@ class DecodeMirror:
 
     Valid while the pool's cells keep their data and order: a float32 cache (an int8 pool holds quantized
     rows) without a window (ring writes reorder a cell table) that only the engine's passes write; the
-    runner checks the first two per pass. Rolled-back tokens shorten ``past``, which caps ``valid``.
+    runner checks the first two per pass. Rolled-back tokens shorten ``past``, which caps ``valid``. A
+    restage that fails (the pool could not be read, memory ran out) writes the rows held back into the
+    pool and empties every slot: the next pass copies its pasts from the pool again.
 
     Args:
         layers, heads, dim: the spec's layers, kv heads and head_dim.
@@ -171,7 +173,11 @@ class DecodeMirror:
             slot_past = past if self._order is None else past[self._order]
             steady = bool((self.valid == slot_past).all())
         if not steady:
-            slot_past = self._restage(cache, plan, past, not fits)
+            try:
+                slot_past = self._restage(cache, plan, past, not fits)
+            except BaseException:
+                self._forget(cache)  # slabs may have moved: the slot records no longer hold
+                raise
         self._batch, self.valid, self._past = seqs, slot_past, slot_past
         if self._views[0] is None or len(self._views[0][0]) != count:  # the same view objects while S stays
             self._views = ([k[:count] for k in self.keys], [v[:count] for v in self.values])
@@ -196,6 +202,15 @@ class DecodeMirror:
             self.written_rows += total
         self.written = self.written.copy()
         self.written[pending] = self.valid[pending]  # rows a sequence no longer holds left the cache too
+
+    def _forget(self, cache: CausalCache) -> None:
+        """Write the rows held back into `cache` and empty every slot, so the next pass copies its
+        sequences' pasts from the pool again (after a failed restage)."""
+        try:
+            self.write_back(cache)
+        finally:
+            self.sequences = self.valid = self.written = self._batch = self._past = np.empty(0, np.int64)
+            self.slot_of = self._order = None
 
     def _restage(self, cache: CausalCache, plan: ForwardPlan, past: np.ndarray, grow: bool) -> np.ndarray:
         """Give each of `plan`'s S sequences a slot below S and fill it with the sequence's rows
@@ -275,12 +290,13 @@ class DecodeMirror:
         slots = max(1 << max(count - 1, 0).bit_length(), held[0].shape[1] if held else 0)
         rows = max(-(-width // 256) * 256, held[0].shape[3] if held else 0)
         shape = (self.layers, slots, self.heads, rows, self.dim)
-        self._all = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        grown = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         if held is not None:
             used, valid = held[0].shape[1], int(self.valid.max(initial=0))
-            for new, old in zip(self._all, held, strict=True):
+            for new, old in zip(grown, held, strict=True):
                 new[:, :used, :, :valid] = old[:, :, :, :valid]
-        self.keys, self.values = list(self._all[0]), list(self._all[1])
+        self._all = grown
+        self.keys, self.values = list(grown[0]), list(grown[1])
         self._views = (None, None)
 
 

@@ -154,3 +154,35 @@ def test_growing_keeps_the_rows_held():
     assert model.mirror.keys[0].shape[0] == 8
     assert model.mirror.copied_rows == 250 + 5 + 7 + 4 + 6 and model.mirror.moved_rows == 0
     model.check_pool()
+
+
+def test_a_restage_that_fails_empties_the_mirror_and_loses_no_row(monkeypatch):
+    """Six sequences decode (their rows held back in the mirror); a retry-like pass over 1, 3, 4, 5 and a
+    new sequence 6 moves sequence 5 into slot 0 of sequence 0 (alive, not in the pass), then fails while
+    reading the pool. The error propagates, every held-back row reaches the pool, and the next pass over
+    all seven reads every row right (the slots no longer claim what a move overwrote)."""
+    model = Model(2)
+    for seq in range(6):
+        model.prefill(seq, 2 + seq)
+    for _ in range(2):
+        model.decode(list(range(6)))
+    model.prefill(6, 5)
+    get = CausalCache.get
+
+    def failing(self, *args, **kwargs):
+        monkeypatch.setattr(CausalCache, "get", get)  # once
+        raise RuntimeError("pool unreadable")
+
+    monkeypatch.setattr(CausalCache, "get", failing)
+    seqs = [1, 3, 4, 5, 6]
+    plan = model.cache.start_forward(seqs, [len(model.keys[s]) for s in seqs], False)
+    moved = model.mirror.moved_rows
+    with pytest.raises(RuntimeError, match="pool unreadable"):
+        model.mirror.stage(model.cache, plan)
+    assert model.mirror.moved_rows > moved  # the failure came after a move
+    assert len(model.mirror.sequences) == 0 and model.mirror.slot_of is None
+    model.cache.abort_forward()
+    copied = model.mirror.copied_rows
+    model.decode(list(range(7)))  # every past copied from the pool, and checked row by row
+    assert model.mirror.copied_rows - copied == sum(len(model.keys[s]) - 1 for s in range(7))
+    model.check_pool()
