@@ -318,7 +318,8 @@ def engine_section(results: Results) -> Section:
         'whole call, prefill included. kvarray: the engine with its defaults (view "auto": prompt passes '
         "of at most 128 tokens on the pool-view graph, decode passes, never mixed with prompt chunks, on "
         "the decode-view graph "
-        "over the runner's own copy of each sequence's past; ONNX Runtime threads spin, as genai's do); "
+        "over the runner's own copy of each sequence's past; ONNX Runtime threads spin, as genai's do) "
+        "and decode bursts of up to 8 passes a step (`EngineConfig.decode_burst`); "
         "kvarray, pool view: the same engine on the pool-view graph alone, prompt chunks and decode "
         "tokens in one pass. Ratios: kvarray's tok/s over the other "
         "system's, from rounds interleaved in the same run (above 1: kvarray is faster).\n"

@@ -62,6 +62,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, default=4096, help="cache cells")
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument(
+        "--decode-burst",
+        type=int,
+        default=1,
+        help="decode passes a step may make back to back on the decode view (1: one); see docs/engine.md, "
+        "Decode bursts",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="no progress line on stderr (shown only on a terminal)"
     )
 
@@ -142,6 +149,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextI
             threads=args.threads,
             spin=not args.no_spin,
             view=ViewChoice(args.view),
+            decode_burst=args.decode_burst,
         )
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens,

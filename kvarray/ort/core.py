@@ -121,11 +121,12 @@ class EngineCore(Generic[C]):
         eos_token_id: default stop token (None: the runner's eos, if any).
         tokenizer: optional (`Engine.generate_text`, `cli_transcribe`).
         metrics: the counters to update (`EngineMetrics`, or a subclass the runner also updates).
+        decode_burst: passes one `step` may make (`EngineConfig.decode_burst`; `_burst`); 1: one pass.
 
     Attributes (besides `metrics`): passes_failed (forward passes that raised, retries included),
     requests_failed (requests finished with `FinishReason.ERROR`).
 
-    Raises `ConfigError` for options that are not ints >= 1 (kernel_threads: >= 0).
+    Raises `ConfigError` for options that are not ints >= 1 (kernel_threads: >= 0), decode_burst included.
     """
 
     def __init__(
@@ -139,8 +140,10 @@ class EngineCore(Generic[C]):
         eos_token_id: int | None,
         tokenizer: Any,
         metrics: EngineMetrics,
+        decode_burst: int = 1,
     ) -> None:
-        self._check_options(options)
+        self._check_options(options, decode_burst)
+        self._decode_burst = int(decode_burst)
         self.runner = runner
         self.cache: C = cache
         self._cells: CausalCache = cache if isinstance(cache, CausalCache) else cache.causal
@@ -175,12 +178,16 @@ class EngineCore(Generic[C]):
         self._closed = False
 
     @staticmethod
-    def _check_options(options: EngineOptions) -> None:
-        for name in (
-            "capacity", "max_sequences", "prefill_chunk", "max_batch_tokens", "prompt_pass_tokens",
-            "kernel_threads",
-        ):  # fmt: skip
-            value = getattr(options, name)
+    def _check_options(options: EngineOptions, decode_burst: int) -> None:
+        values = {
+            name: getattr(options, name)
+            for name in (
+                "capacity", "max_sequences", "prefill_chunk", "max_batch_tokens", "prompt_pass_tokens",
+                "kernel_threads",
+            )
+        }  # fmt: skip
+        values["decode_burst"] = decode_burst
+        for name, value in values.items():
             least = 0 if name == "kernel_threads" else 1
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
@@ -316,7 +323,10 @@ class EngineCore(Generic[C]):
             with self._lock:
                 batch = sched.next_batch()
             if batch is not None:
+                failed = self.passes_failed
                 events += self._run(batch)
+                if self._decode_burst > 1 and self.passes_failed == failed:  # not after a retried pass
+                    events += self._burst(batch, events)
             if not sched.has_work or any(e.finished for e in events):
                 self._note_peak()  # cells in use only fall when requests leave: measure just before
             for event in events:
@@ -385,6 +395,67 @@ class EngineCore(Generic[C]):
             if retry is not None:
                 events += self._run(retry)
         return events
+
+    def _burst(self, batch: Batch, events: list[TokenEvent]) -> list[TokenEvent]:
+        """More decode passes of `batch`'s requests right after its pass, up to ``decode_burst - 1``, run
+        by `Runner.decode_again` without scheduling or planning each: their events.
+
+        Only after a decode pass of every running request in which none finished, while none waits. The
+        cells of the burst's positions are taken at once (one `start_forward`); each pass samples and
+        commits as a step would. The burst stops after a pass in which a request finished (stop token,
+        length, a failed row), or when a request arrives or is cancelled meanwhile; a pass that raises
+        ends it uncommitted (counted in `passes_failed`: the next step runs it again as a plain pass).
+        The cells no pass used are then given back.
+        """
+        sched, cells, reqs = self.scheduler, self._cells, batch.sampled
+        every_one = len(reqs) == len(batch.fed) == len(sched.running) == len(events)
+        if not every_one or batch.prefill_tokens or sched.waiting or any(e.finished for e in events):
+            return []
+        count = min(
+            self._decode_burst - 1,
+            self.runner.repeat_room(self.cache),
+            cells.stats().cells_free // len(reqs),
+            min(r.params.max_new_tokens - len(r.output) for r in reqs),
+            self._limit - max(r.computed for r in reqs) if self._limit is not None else self._decode_burst,
+        )
+        if count < 1:
+            return []
+        first = np.fromiter((r.computed for r in reqs), np.int64, len(reqs))
+        ids = np.fromiter((r.id for r in reqs), np.int64, len(reqs))
+        try:
+            cells.start_forward(np.repeat(ids, count), (first[:, None] + np.arange(count)).ravel(), False)
+        except Exception:  # noqa: BLE001 - no room after all: no burst, nothing taken
+            return []
+        params, rngs, m = [r.params for r in reqs], [r.rng for r in reqs], self.metrics
+        tokens = np.fromiter((r.output[-1] for r in reqs), np.int64, len(reqs))
+        out: list[TokenEvent] = []
+        try:
+            for _ in range(count):
+                if sched.waiting:
+                    break
+                logits, run_time = self.runner.decode_again(tokens)
+                sampled = sample_each(logits[: len(reqs)], params, rngs)
+                for req, token in zip(reqs, sampled, strict=True):
+                    if isinstance(token, Exception):
+                        out += [e for e in [self._fail(req, token)] if e is not None]
+                with self._lock:
+                    kept = [None if isinstance(t, Exception) else int(t) for t in sampled]
+                    new = sched.commit(batch, kept, self._limit)
+                m.steps += 1
+                m.decode_tokens += len(reqs)
+                m.generated_tokens += len(new)
+                m.run_seconds += run_time
+                out += new
+                if len(new) < len(reqs) or any(e.finished for e in new):
+                    break
+                tokens = np.array([e.token for e in new], np.int64)  # every row kept: in the pass's order
+        except Exception:  # noqa: BLE001 - that pass did not happen: the next step makes it plainly
+            self.passes_failed += 1
+        finally:
+            for req in reqs:  # give back the cells of the positions no pass fed
+                if not req.finished and cells.length(req.id) > req.computed:
+                    cells.remove(req.id, req.computed)
+        return out
 
     def _roll_back(self, req: Request, held: int) -> bool:
         """Remove `req`'s tokens of a failed pass (positions >= ``req.computed``) from the cache; whether

@@ -131,6 +131,12 @@ class EngineConfig:
             sequences run on the twin graph, the others on the pool graph (None: the twin's measured
             crossover, `kvarray.ort.native.TWIN_MIN_SEQUENCES`: 1 for the decode view, 8 for the gathered
             view; docs/engine_benchmarks.md).
+        decode_burst: decode passes one `step` may make back to back (1: one pass a step). After a decode
+            pass of every running request over the decode view's mirror, up to ``decode_burst - 1`` more
+            run without scheduling or planning each (`Runner.decode_again`): the same tokens, fewer
+            Python calls per pass. A burst ends early when a request finishes, arrives or is cancelled,
+            so admission waits at most for the passes under way; its tokens reach ``on_token`` and
+            `stream` when the step ends (docs/engine.md, "Decode bursts").
     """
 
     capacity: int = 4096
@@ -148,6 +154,7 @@ class EngineConfig:
     view: ViewChoice = ViewChoice.AUTO
     gathered_min_sequences: int | None = None
     prompt_pass_tokens: int = 128
+    decode_burst: int = 1
 
 
 class Engine(EngineCore[CausalCache]):
@@ -217,6 +224,7 @@ class Engine(EngineCore[CausalCache]):
             eos_token_id=eos_token_id,
             tokenizer=tokenizer,
             metrics=EngineMetrics(),
+            decode_burst=config.decode_burst,
         )
 
     @classmethod

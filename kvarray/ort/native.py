@@ -34,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..causal import CausalCache
-from ..errors import ConfigError, GraphMismatch, ShapeMismatch, UnsupportedModel
+from ..errors import ConfigError, GraphMismatch, NoForwardPass, ShapeMismatch, UnsupportedModel
 from ..export import GraphInfo
 from ..export.attention import View as GraphView
 from ..spec import KVSpec
@@ -269,6 +269,15 @@ class DecodeMirror:
         """The staged pass ran: its rows (written in place by the graph) are valid too."""
         self.valid = self._past + 1
 
+    def advance(self) -> None:
+        """Stage the committed pass again, each sequence one row further: its past is the rows now valid."""
+        self._past = self.valid
+
+    def rows_left(self) -> int:
+        """Rows each slot of the staged pass can still take before the buffers must grow (Lcap - most
+        rows held)."""
+        return self.keys[0].shape[2] - int(self.valid.max(initial=0)) if self.keys else 0
+
     def new_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The staged pass's own rows, which the graph wrote at row ``past`` of each slot: keys and values
         ``[layers, S, H, D]`` in the pass's order (C-contiguous, fresh arrays; ``keys[i]`` is layer i's
@@ -432,6 +441,31 @@ class NativeStepRunner(Runner):
     def reads_pool(self, cache: CausalCache, batch: Batch) -> bool:
         """A pool-view graph reads the pool view; gathered and decode views copy each sequence's cells."""
         return self.view is GraphView.POOL
+
+    def repeat_room(self, cache: CausalCache) -> int:
+        """The rows left in the mirror after a decode pass over it (`DecodeMirror.rows_left`); else 0."""
+        return self.mirror.rows_left() if self._staged is not None and self._held_back else 0
+
+    def decode_again(self, tokens: np.ndarray) -> tuple[np.ndarray, float]:
+        """The last decode pass again over the mirror, each sequence one row further, fed ``tokens [S]``
+        (the pass's order): the bound ``input_ids`` take the tokens and ``position_ids`` and
+        ``seqlens_k`` one more, in place (nothing is rebound); see `Runner.decode_again`."""
+        mirror = self._staged
+        if mirror is None or not self._held_back:
+            raise NoForwardPass("decode_again repeats a decode pass over the mirror: the last pass was none")
+        small = self._small
+        if mirror.slot_of is None:
+            small["input_ids"][:] = tokens
+        else:
+            small["input_ids"][mirror.slot_of] = tokens
+        small["position_ids"] += 1
+        small["seqlens_k"] += 1
+        mirror.advance()
+        start = time.perf_counter()
+        self.binder.run()
+        seconds = time.perf_counter() - start
+        mirror.commit()
+        return self._logits, seconds
 
     def flush(self, cache: CausalCache) -> None:
         """Write the rows the decode view's mirror holds back into `cache` (`DecodeMirror.write_back`)."""
@@ -740,6 +774,16 @@ class ViewSwitch(Runner):
     def flush(self, cache: CausalCache) -> None:
         """Write the rows the twin holds back into `cache` (`NativeStepRunner.flush`)."""
         self.runners[self.twin].flush(cache)
+
+    def repeat_room(self, cache: CausalCache) -> int:
+        """That of the runner of the last pass (`NativeStepRunner.repeat_room`)."""
+        return self._last.repeat_room(cache)
+
+    def decode_again(self, tokens: np.ndarray) -> tuple[np.ndarray, float]:
+        """The last pass again on its view (`NativeStepRunner.decode_again`)."""
+        result = self._last.decode_again(tokens)
+        self.passes[self._last.view] += 1
+        return result
 
     def _pick(self, cache: CausalCache, batch: Batch) -> GraphView:
         """`pick_view`, but the pool view for a decode twin over a cache with a window (positions then go

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import NoForwardPass
 from ..export import GraphInfo
 from ..spec import KVSpec
 from .binding import Binder
@@ -65,6 +66,19 @@ class Runner(Protocol):
         so that its pools hold every token of every live sequence (the engine's `flush`, for readers of
         the pools between steps). Runners that `put` in every pass keep nothing back."""
         return None
+
+    def repeat_room(self, cache: Any) -> int:
+        """How many more passes `decode_again` can run after the last one (a decode pass): 0 for runners
+        without one, or when the last pass was not a decode pass they can repeat."""
+        return 0
+
+    def decode_again(self, tokens: np.ndarray) -> tuple[np.ndarray, float]:
+        """Run the last pass again over the same sequences, each one position further, fed ``tokens [S]``
+        (one per sequence, in the pass's order) without a plan: the cells of those positions are already
+        the sequences' (the engine's decode bursts, `EngineConfig.decode_burst`). Returns ``logits
+        [S, vocab]`` and the seconds inside ``session.run``, as `forward`. Only after `repeat_room` said
+        there is room."""
+        raise NoForwardPass(f"{type(self).__name__} repeats no pass: its repeat_room is 0")
 
     def close(self) -> None: ...
 

@@ -108,6 +108,16 @@ def test_generate_gives_the_same_greedy_text_with_each_view(views_folder, capsys
     assert summary in captured.err
 
 
+def test_decode_bursts_give_the_same_text_in_the_same_passes(views_folder, capsys):
+    """`--decode-burst 8`: the decode passes run in bursts of up to 8 a step, the same 39 of them."""
+    sample = json.loads((TRAINED / "metrics.json").read_text())["greedy_sample"]
+    argv = ["generate", str(views_folder), "--prompt", sample["prompt"], "--max-new-tokens", "40"]
+    assert main([*argv, "--threads", "1", "--decode-burst", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == sample["prompt"] + sample["continuation"][:40] + "\n"
+    assert VIEWS[2][1] in captured.err
+
+
 def test_generate_with_a_view_the_folder_lacks_says_how_to_export_it(capsys):
     assert main(["generate", str(TRAINED), "--prompt", "x", "--view", "gathered", "--threads", "1"]) == 1
     err = capsys.readouterr().err

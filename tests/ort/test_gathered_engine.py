@@ -25,7 +25,7 @@ from kvarray.export.reference import LLAMA_VARIANTS
 from kvarray.ort import Engine, EngineConfig, KVDtype, SamplingParams
 from kvarray.ort.engine import ViewChoice
 from kvarray.ort.native import GraphView, ViewSwitch, gathered_bias_before_put, pick_view, pool_window
-from kvarray.ort.scheduler import Batch
+from kvarray.ort.scheduler import Batch, FinishReason
 
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS)
 X = -np.inf
@@ -300,6 +300,128 @@ def test_decode_graph_refuses_a_pass_with_prompt_chunks(folder, prompts):
     batch = Batch(np.array(prompts[0][:2]), np.array([0, 0]), np.array([0, 1]), np.array([1]), [], [], 2, 0)
     with pytest.raises(ShapeMismatch, match="one token per sequence"):
         decode.forward(eng.cache, plan, batch)
+
+
+# -- decode bursts ---------------------------------------------------------------------------------------
+def passes_hook(eng: Engine, at: int, action) -> list[int]:
+    """Call ``action()`` inside the decode graph's `at`-th run (counting from 1), as another thread would
+    while a pass runs; the runs counted so far."""
+    decode = eng.runner.runners[GraphView.DECODE]
+    run, runs = decode.binder.run, []
+
+    def hooked(*args):
+        runs.append(len(runs))
+        if len(runs) == at:
+            action()
+        return run(*args)
+
+    decode.binder.run = hooked
+    return runs
+
+
+def held_cells_match(eng: Engine) -> bool:
+    """Every running request holds exactly the cells of the tokens it fed: no burst leaves cells behind."""
+    return all(eng.cache.length(r.id) == r.computed for r in eng.scheduler.running)
+
+
+@pytest.mark.parametrize("burst", [2, 5, 64])
+def test_decode_bursts_equal_transformers_for_eight_arrivals(folder, prompts, expected, burst):
+    """Up to `burst` decode passes a step over the decode graph ("auto", crossover 1): the eight requests
+    arriving at different steps give the reference tokens, the steps make more passes than there are
+    steps, and after every step each running request holds just the cells of the tokens it fed."""
+    eng = engine(folder, view="auto", decode_burst=burst)
+    arrivals, ids, steps = eight_arrivals(prompts), {}, 0
+    while steps <= max(arrivals) or eng.has_work:
+        for prompt in arrivals.get(steps, []):
+            ids[len(ids)] = eng.add_request(prompt, GREEDY)
+        eng.step()
+        steps += 1
+        assert held_cells_match(eng)
+    assert [eng.pop(ids[k]).output for k in range(8)] == [expected[k % 3] for k in range(8)]
+    assert eng.metrics.steps > steps and eng.stats().cells_used == 0
+    assert eng.runner.passes[GraphView.POOL] + eng.runner.passes[GraphView.DECODE] == eng.metrics.steps
+
+
+def test_decode_bursts_sample_and_stop_as_single_passes(folder, prompts):
+    """Seeded top-p sampling, different lengths and a stop token met halfway: engines with bursts of 1 and
+    of 8 passes give the same tokens and finish reasons, and the burst engine took fewer steps."""
+    (greedy,) = engine(folder, view="auto").generate([prompts[1]], SamplingParams(max_new_tokens=12))
+    params = [
+        SamplingParams(max_new_tokens=14, temperature=0.9, top_p=0.9, seed=3),
+        SamplingParams(max_new_tokens=12, stop_tokens=(greedy[6],)),  # its 7th token stops it
+        SamplingParams(max_new_tokens=5, temperature=1.2, top_k=20, seed=4),
+    ]
+    results = []
+    for burst in (1, 8):
+        eng = engine(folder, view="auto", decode_burst=burst)
+        ids = [eng.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+        steps = 0
+        while eng.has_work:
+            eng.step()
+            steps += 1
+            assert held_cells_match(eng)
+        done = [eng.pop(i) for i in ids]
+        results.append(([r.output for r in done], [r.finish_reason for r in done], steps))
+    (single, reasons, single_steps), (burst_out, burst_reasons, burst_steps) = results
+    assert burst_out == single and burst_reasons == reasons
+    assert single[1] == greedy[:7] and reasons[1] is FinishReason.STOP
+    assert burst_steps < single_steps
+
+
+def test_a_request_cancelled_during_a_burst_gets_no_more_tokens(folder, prompts, expected):
+    """Request 0 is cancelled while the second pass of a burst runs (as from another thread): the burst
+    stops after that pass, which gives it no token; its cells are freed, the others' tokens are the
+    reference."""
+    eng = engine(folder, view="auto", decode_burst=16, prefill_chunk=256)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    eng.step()  # the prompts: a first token each
+    runs = passes_hook(eng, 3, lambda: eng.cancel(ids[0]))
+    eng.step()  # a plain decode pass (run 1), then a burst: request 0 is cancelled during run 3
+    assert len(runs) == 3 and len(eng.request(ids[0]).output) == 1 + 2
+    assert eng.cache.length(ids[0]) == 0 and held_cells_match(eng)
+    while eng.has_work:
+        eng.step()
+    assert [eng.pop(i).output for i in ids[1:]] == expected[1:]
+
+
+def test_an_arrival_during_a_burst_ends_it(folder, prompts, expected):
+    """A request added while the second pass of a burst runs (as from another thread) ends the burst after
+    that pass; the next step admits it; every output is the reference."""
+    eng = engine(folder, view="auto", decode_burst=16, prefill_chunk=256)
+    ids = [eng.add_request(p, GREEDY) for p in prompts[:2]]
+    eng.step()
+    added = []
+    runs = passes_hook(eng, 2, lambda: added.append(eng.add_request(prompts[2], GREEDY)))
+    eng.step()  # a plain decode pass (run 1), a burst pass (run 2) during which request 2 arrives
+    assert len(runs) == 2 and eng.scheduler.waiting
+    while eng.has_work:
+        eng.step()
+    assert [eng.pop(i).output for i in ids + added] == expected
+
+
+def test_a_pass_of_a_burst_that_fails_is_made_again_by_the_next_step(folder, prompts, expected):
+    """The fourth decode-graph run (a burst's) raises: the burst ends uncommitted, its unused cells are given
+    back, `passes_failed` counts it, and the next step makes that pass plainly: every output is the
+    reference."""
+    eng = engine(folder, view="auto", decode_burst=8, prefill_chunk=256)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+
+    def fail() -> None:
+        raise RuntimeError("injected: a burst pass fails")
+
+    passes_hook(eng, 4, fail)
+    eng.step()
+    eng.step()  # a plain pass, then burst passes 2 and 3; the 4th raises
+    assert eng.passes_failed == 1 and eng.metrics.steps == 1 + 3 and held_cells_match(eng)
+    while eng.has_work:
+        eng.step()
+    assert [eng.pop(i).output for i in ids] == expected and eng.stats().cells_used == 0
+
+
+@pytest.mark.parametrize("burst", [0, -1, 2.0, True, "8"])
+def test_a_decode_burst_that_is_not_a_positive_int_is_refused(folder, burst):
+    with pytest.raises(ConfigError, match="decode_burst must be an int >= 1"):
+        engine(folder, view="auto", decode_burst=burst)
 
 
 # -- the view choice --------------------------------------------------------------------------------------
