@@ -24,6 +24,7 @@ from ..causal import CausalCache
 from ..encdec import EncDecPlan, EncoderDecoderCache
 from ..errors import (
     CacheClosed,
+    CacheFull,
     ConfigError,
     DTypeMismatch,
     EmptyPrompt,
@@ -411,22 +412,20 @@ class EngineCore(Generic[C]):
         every_one = len(reqs) == len(batch.fed) == len(sched.running) == len(events)
         if not every_one or batch.prefill_tokens or sched.waiting or any(e.finished for e in events):
             return []
-        count = min(
-            self._decode_burst - 1,
-            self.runner.repeat_room(self.cache),
-            cells.stats().cells_free // len(reqs),
-            min(r.params.max_new_tokens - len(r.output) for r in reqs),
-            self._limit - max(r.computed for r in reqs) if self._limit is not None else self._decode_burst,
-        )
+        room = [self._decode_burst - 1, self.runner.repeat_room(self.cache)]
+        room += [cells.stats().cells_free // len(reqs)]
+        room += [r.params.max_new_tokens - len(r.output) for r in reqs]
+        if self._limit is not None:
+            room += [self._limit - r.computed for r in reqs]
+        count = min(room)
         if count < 1:
             return []
         first = np.fromiter((r.computed for r in reqs), np.int64, len(reqs))
         ids = np.fromiter((r.id for r in reqs), np.int64, len(reqs))
         try:
             cells.start_forward(np.repeat(ids, count), (first[:, None] + np.arange(count)).ravel(), False)
-        except Exception:  # noqa: BLE001 - no room after all: no burst, nothing taken
+        except CacheFull:  # counted above; should the cache refuse all the same, no burst (nothing taken)
             return []
-        params, rngs, m = [r.params for r in reqs], [r.rng for r in reqs], self.metrics
         tokens = np.fromiter((r.output[-1] for r in reqs), np.int64, len(reqs))
         out: list[TokenEvent] = []
         try:
@@ -434,21 +433,11 @@ class EngineCore(Generic[C]):
                 if sched.waiting:
                     break
                 logits, run_time = self.runner.decode_again(tokens)
-                sampled = sample_each(logits[: len(reqs)], params, rngs)
-                for req, token in zip(reqs, sampled, strict=True):
-                    if isinstance(token, Exception):
-                        out += [e for e in [self._fail(req, token)] if e is not None]
-                with self._lock:
-                    kept = [None if isinstance(t, Exception) else int(t) for t in sampled]
-                    new = sched.commit(batch, kept, self._limit)
-                m.steps += 1
-                m.decode_tokens += len(reqs)
-                m.generated_tokens += len(new)
-                m.run_seconds += run_time
+                new = self._commit(batch, logits, run_time)
                 out += new
                 if len(new) < len(reqs) or any(e.finished for e in new):
-                    break
-                tokens = np.array([e.token for e in new], np.int64)  # every row kept: in the pass's order
+                    break  # a request finished, failed or was cancelled during the pass
+                tokens = np.array([e.token for e in new], np.int64)  # one per request, in the pass's order
         except Exception:  # noqa: BLE001 - that pass did not happen: the next step makes it plainly
             self.passes_failed += 1
         finally:
@@ -485,10 +474,18 @@ class EngineCore(Generic[C]):
         rows = len(batch.sampled)
         if logits.ndim != 2 or logits.shape[0] < rows:
             raise ShapeMismatch(f"the runner returned logits {list(logits.shape)} for {rows} sampled rows")
-        params, rngs = [r.params for r in batch.sampled], [r.rng for r in batch.sampled]
-        tokens = sample_each(logits[:rows], params, rngs)
+        events = self._commit(batch, logits, run_time)
+        m = self.metrics
+        m.peak_n_kv = max(m.peak_n_kv, (plan.self_plan if isinstance(plan, EncDecPlan) else plan).n_kv)
+        return events
+
+    def _commit(self, batch: Batch, logits: np.ndarray, run_time: float) -> list[TokenEvent]:
+        """Sample a token for each of ``batch.sampled`` from ``logits [>= S, vocab]``, fail the requests
+        whose row raised, commit the others' tokens (`Scheduler.commit`) and count the pass; the events."""
+        sampled = batch.sampled
+        tokens = sample_each(logits[: len(sampled)], [r.params for r in sampled], [r.rng for r in sampled])
         events: list[TokenEvent] = []
-        for req, token in zip(batch.sampled, tokens, strict=True):
+        for req, token in zip(sampled, tokens, strict=True):
             if isinstance(token, Exception):
                 events += [e for e in [self._fail(req, token)] if e is not None]
         with self._lock:
@@ -499,7 +496,6 @@ class EngineCore(Generic[C]):
         m.prefill_tokens += batch.prefill_tokens
         m.decode_tokens += batch.decode_tokens
         m.generated_tokens += sum(e.token is not None for e in events)
-        m.peak_n_kv = max(m.peak_n_kv, (plan.self_plan if isinstance(plan, EncDecPlan) else plan).n_kv)
         m.run_seconds += run_time
         return events
 
