@@ -1,10 +1,11 @@
 """The request lifecycle every generation engine shares: `EngineCore` over a runner and its cache.
 
 `EngineCore` validates requests (`check_tokens`), admits them (`Scheduler`), makes one forward pass per
-`step` (schedule, `Runner.forward`, sample, commit), streams token events, cancels, rolls back failed
-passes, and counts (`EngineMetrics`). It knows nothing of a graph: the decoder-only `Engine`
-(`kvarray.ort.engine`) and the encoder-decoder `Seq2SeqEngine` (`kvarray.ort.seq2seq`) build the runner
-and the cache, read their model folders and say what a request is.
+`step` (schedule, `Runner.forward`, sample, commit; or a burst of decode passes, `decode_burst`), streams
+token events, cancels, rolls back failed passes, and counts (`EngineMetrics`). It knows nothing of a
+graph: the decoder-only `Engine` (`kvarray.ort.engine`) and the encoder-decoder `Seq2SeqEngine`
+(`kvarray.ort.seq2seq`) build the runner and the cache, read their model folders and say what a request
+is.
 
 Details: docs/engine.md.
 """
@@ -89,8 +90,9 @@ C = TypeVar("C", CausalCache, EncoderDecoderCache)
 
 class EngineCore(Generic[C]):
     """The request lifecycle over a runner and its cache: validation, admission, one step per forward pass
-    (schedule, run, sample, commit), streaming, cancel and metrics. `Engine` (decoder-only graphs) and
-    `Seq2SeqEngine` (T5, Whisper) build the runner and the cache and say what a request is.
+    (schedule, run, sample, commit; or a decode burst, `_burst`), streaming, cancel and metrics.
+    `Engine` (decoder-only graphs) and `Seq2SeqEngine` (T5, Whisper) build the runner and the cache and
+    say what a request is.
 
     Threads: one thread steps (`step`, `stream`, `generate`); any thread may `add_request` (the
     subclasses' entry point to `_queue`), `cancel`, `request` and `pop` at any time. A lock guards the
