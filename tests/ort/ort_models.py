@@ -3,6 +3,7 @@ names collide)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,15 @@ def seq2seq_reference(arch: str) -> tuple[str, list, list[list[int]], list[list[
     return arch, reference_sources(ref), prompts, expected
 
 
-def run_arrivals(eng: Any, arrivals: dict[int, list[list[int]]], params: Any = None) -> dict[int, list[int]]:
+def run_arrivals(
+    eng: Any,
+    arrivals: dict[int, list[list[int]]],
+    params: Any = None,
+    after_step: Callable[[], None] | None = None,
+) -> dict[int, list[int]]:
     """Step the engine, adding the prompts of `arrivals` (step -> prompts) at their steps with `params`
-    (default: greedy, `NEW_TOKENS` new tokens); the outputs, by request order."""
+    (default: greedy, `NEW_TOKENS` new tokens), calling `after_step` after each step; the outputs, by
+    request order."""
     from kvarray.ort import SamplingParams
 
     params = SamplingParams(max_new_tokens=NEW_TOKENS) if params is None else params
@@ -41,6 +48,8 @@ def run_arrivals(eng: Any, arrivals: dict[int, list[list[int]]], params: Any = N
             ids[len(ids)] = eng.add_request(prompt, params)
         eng.step()
         step += 1
+        if after_step is not None:
+            after_step()
     return {k: eng.pop(rid).output for k, rid in ids.items()}
 
 

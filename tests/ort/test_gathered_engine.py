@@ -70,6 +70,22 @@ def engine(folder: Path, **options) -> Engine:
     return Engine.from_model_dir(folder, EngineConfig(**config))
 
 
+def passes_hook(eng: Engine, at: int, action) -> list[int]:
+    """Call ``action()`` inside the decode graph's `at`-th run (counting from 1), as another thread would
+    while a pass runs; the runs counted so far."""
+    decode = eng.runner.runners[GraphView.DECODE]
+    run, runs = decode.binder.run, []
+
+    def hooked(*args):
+        runs.append(len(runs))
+        if len(runs) == at:
+            action()
+        return run(*args)
+
+    decode.binder.run = hooked
+    return runs
+
+
 # -- greedy outputs against transformers ------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [256, 4])
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -152,15 +168,11 @@ def test_a_failed_decode_pass_is_retried_in_halves_over_the_mirror(folder, promp
     expected = [alone.generate([p], params)[0] for p in prompts]
     eng = engine(folder, view="auto", prefill_chunk=256)
     decode = eng.runner.runners[GraphView.DECODE]
-    run, passes = decode.binder.run, []
 
-    def flaky(*args):
-        passes.append(len(passes))
-        if len(passes) == 4:
-            raise RuntimeError("injected: the decode pass fails after staging")
-        return run(*args)
+    def fail() -> None:
+        raise RuntimeError("injected: the decode pass fails after staging")
 
-    decode.binder.run = flaky
+    passes_hook(eng, 4, fail)
     assert len(prompts) == 3 and eng.generate(prompts, params) == expected
     assert eng.passes_failed == 1 and decode.mirror.written_rows > 0
 
@@ -303,22 +315,6 @@ def test_decode_graph_refuses_a_pass_with_prompt_chunks(folder, prompts):
 
 
 # -- decode bursts ---------------------------------------------------------------------------------------
-def passes_hook(eng: Engine, at: int, action) -> list[int]:
-    """Call ``action()`` inside the decode graph's `at`-th run (counting from 1), as another thread would
-    while a pass runs; the runs counted so far."""
-    decode = eng.runner.runners[GraphView.DECODE]
-    run, runs = decode.binder.run, []
-
-    def hooked(*args):
-        runs.append(len(runs))
-        if len(runs) == at:
-            action()
-        return run(*args)
-
-    decode.binder.run = hooked
-    return runs
-
-
 def held_cells_match(eng: Engine) -> bool:
     """Every running request holds exactly the cells of the tokens it fed: no burst leaves cells behind."""
     return all(eng.cache.length(r.id) == r.computed for r in eng.scheduler.running)
@@ -330,15 +326,11 @@ def test_decode_bursts_equal_transformers_for_eight_arrivals(folder, prompts, ex
     arriving at different steps give the reference tokens, the steps make more passes than there are
     steps, and after every step each running request holds just the cells of the tokens it fed."""
     eng = engine(folder, view="auto", decode_burst=burst)
-    arrivals, ids, steps = eight_arrivals(prompts), {}, 0
-    while steps <= max(arrivals) or eng.has_work:
-        for prompt in arrivals.get(steps, []):
-            ids[len(ids)] = eng.add_request(prompt, GREEDY)
-        eng.step()
-        steps += 1
-        assert held_cells_match(eng)
-    assert [eng.pop(ids[k]).output for k in range(8)] == [expected[k % 3] for k in range(8)]
-    assert eng.metrics.steps > steps and eng.stats().cells_used == 0
+    checks: list[bool] = []
+    after_step = lambda: checks.append(held_cells_match(eng))  # noqa: E731
+    outputs = run_arrivals(eng, eight_arrivals(prompts), after_step=after_step)
+    assert [outputs[k] for k in range(8)] == [expected[k % 3] for k in range(8)]
+    assert all(checks) and eng.metrics.steps > len(checks) and eng.stats().cells_used == 0
     assert eng.runner.passes[GraphView.POOL] + eng.runner.passes[GraphView.DECODE] == eng.metrics.steps
 
 
